@@ -1,0 +1,117 @@
+"""Command line: `imgpipe convert SRC DST` (also `python -m pipeline convert`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from pipeline import __version__, log
+from pipeline.errors import EXIT_FAILURE, EXIT_USAGE, ImgpipeError, UsageError
+from pipeline.settings import Settings, from_env, parse_size
+
+EPILOG = """\
+exit status: 0 done, 1 failure (network, permissions, ...), 2 bad usage,
+             3 input refused (corrupt, unsupported or unsafe image)
+
+S3 credentials, region and endpoint come from the standard AWS environment and config files
+(AWS_ACCESS_KEY_ID, AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...). Tuning knobs are also read
+from IMGPIPE_<NAME> variables, e.g. IMGPIPE_CHUNK_SIZE=8M, IMGPIPE_READ_CONCURRENCY=8.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2
+        self.exit(EXIT_USAGE, f"imgpipe: error: {message} (see imgpipe {self.prog.split()[-1]} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="imgpipe", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"imgpipe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    c = sub.add_parser(
+        "convert",
+        help="convert a disk image into qcow2 (or raw)",
+        description="Convert SRC (path, -, http(s)://URL, s3://BUCKET/KEY) into DST (path, s3://BUCKET/KEY, "
+        "or - for raw output on stdout) in one streaming pass.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("src", metavar="SRC")
+    c.add_argument("dst", metavar="DST")
+    c.add_argument("-O", "--output-format", choices=("qcow2", "raw"), default=None, help="default qcow2")
+    c.add_argument("--cluster-size", metavar="SIZE", help="qcow2 cluster size, 512 to 2M (default 64K)")
+    c.add_argument("--compat", choices=("1.1", "0.10"), default=None, help="qcow2 v3 (1.1, default) or v2 (0.10)")
+    c.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    c.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    c.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
+    c.add_argument("--json", action="store_true", help="print the final summary as one JSON object on stdout")
+    c.add_argument("--part-size", metavar="SIZE", help="S3 part size (default 8M; grows to fit 10,000 parts)")
+    c.add_argument("--read-concurrency", type=int, metavar="N", help="concurrent ranged reads (default 4)")
+    c.add_argument("--upload-concurrency", type=int, metavar="N", help="concurrent part uploads (default 4)")
+    c.add_argument("--fsync", action="store_true", default=None, help="fsync a local output before renaming it")
+    c.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
+    c.add_argument("--job-id", help="bound to every log line of this job")
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    return from_env(
+        output_format=ns.output_format,
+        cluster_size=parse_size(ns.cluster_size, "--cluster-size") if ns.cluster_size else None,
+        compat=ns.compat,
+        endpoint_url=ns.endpoint_url,
+        progress=ns.progress,
+        json_summary=ns.json or None,
+        part_size=parse_size(ns.part_size, "--part-size") if ns.part_size else None,
+        read_concurrency=ns.read_concurrency,
+        upload_concurrency=ns.upload_concurrency,
+        fsync=ns.fsync,
+        log_level=ns.log_level,
+    )
+
+
+def _human(summary: dict[str, Any]) -> str:
+    def mib(n: Any) -> str:
+        return f"{int(n) / 2**20:,.1f} MiB"
+
+    return (
+        f"{summary['source_format']} -> {summary['output_format']}: virtual size {mib(summary['virtual_size'])}, "
+        f"read {mib(summary['bytes_read'])}, {summary['data_clusters']} data clusters written, "
+        f"zeros skipped {mib(summary['zero_bytes_skipped'])}, output {mib(summary['output_size'])}, "
+        f"{summary['seconds']} s, {summary['mb_per_s']} MB/s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(ns)
+    except UsageError as exc:
+        print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_status
+    log.configure(settings.log_level if settings.log_level != "info" or settings.json_summary else "warning"
+                  if os.environ.get("IMGPIPE_QUIET") else settings.log_level)
+    from pipeline.runner import convert
+
+    try:
+        summary = asyncio.run(convert(ns.src, ns.dst, settings, job_id=ns.job_id))
+    except ImgpipeError as exc:
+        print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("imgpipe: interrupted; output removed", file=sys.stderr)
+        return 130
+    if settings.json_summary:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(_human(summary), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

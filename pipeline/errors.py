@@ -1,0 +1,63 @@
+"""Error classes, each mapped to one exit status.
+
+The split matters to callers: a refused image (exit 3) is permanent and must not be retried; anything
+else (exit 1) may succeed on a retry; bad usage (exit 2) needs a different command line.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+
+
+class ImgpipeError(Exception):
+    """Base of every error the tool reports as one line."""
+
+    exit_status = EXIT_FAILURE
+    stage: str | None = None
+
+    def one_line(self) -> str:
+        text = " ".join(str(self).split())
+        return f"{self.stage}: {text}" if self.stage else text
+
+
+class UsageError(ImgpipeError):
+    """The command line or settings are wrong; the message says what to change."""
+
+    exit_status = EXIT_USAGE
+
+
+class InputRefused(ImgpipeError):
+    """The image is corrupt, unsupported or unsafe: permanent, never retried."""
+
+    exit_status = EXIT_REFUSED
+
+
+class NotThisFormat(Exception):  # noqa: N818 - a verdict, not a failure
+    """Raised by a format probe: the bytes are not this format (distinct from a broken image)."""
+
+
+class CorruptImage(InputRefused):
+    """The image claims a format but its structures are broken."""
+
+
+class UnsupportedImage(InputRefused):
+    """A recognised format (or feature) that this version does not convert."""
+
+
+class UnsafeImage(InputRefused):
+    """The image asks for something we refuse on principle (backing file, ambiguity, ...)."""
+
+
+class SourceError(ImgpipeError):
+    """Reading the source failed (network, permissions, missing object)."""
+
+
+class SourceChanged(SourceError):
+    """The source changed while we read it; a retry reads one consistent version."""
+
+
+class SinkError(ImgpipeError):
+    """Writing the destination failed."""

@@ -1,0 +1,1 @@
+"""Image formats: each module probes (is it this format?) and, where supported, decodes."""

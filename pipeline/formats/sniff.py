@@ -1,0 +1,57 @@
+"""Run every probe over the same bytes and decide, refusing ambiguity; raw is the fallback, last."""
+
+from __future__ import annotations
+
+from pipeline.errors import NotThisFormat, UnsafeImage, UnsupportedImage
+from pipeline.formats.base import Match
+from pipeline.formats.probes import DECODABLE, PROBES, TAIL_BYTES
+
+# Pairs that really do occur together in good images and are decoded as the first element.
+BENIGN = {frozenset({"iso", "raw"})}
+
+
+def decide(head: bytes, tail: bytes | None, size: int | None) -> Match:
+    matches: list[Match] = []
+    for probe in PROBES:
+        if tail is None and probe.tail and not probe.head:
+            continue  # tail-only probes run at EOF, see check_tail()
+        try:
+            matches.append(probe.probe(head, tail, size))
+        except NotThisFormat:
+            continue
+    formats = {m.format for m in matches}
+    real = [m for m in matches if not m.marker]
+    if len(formats) > 1 and formats not in BENIGN:
+        found = " and ".join(sorted({m.describe() for m in matches}))
+        raise UnsafeImage(
+            f"input matches more than one format: {found}; refusing an ambiguous image "
+            "(a file crafted to be read differently by different tools)"
+        )
+    if not matches:
+        return Match("raw")
+    chosen = real[0] if real else matches[0]
+    if chosen.format not in DECODABLE:
+        raise UnsupportedImage(
+            f"input is a {chosen.describe()} image; this version of imgpipe does not convert "
+            f"{chosen.format} yet (it is refused rather than copied as a raw disk)"
+        )
+    return chosen
+
+
+def check_tail(tail: bytes, size: int) -> None:
+    """Sequential sources learn their tail only at EOF: refuse then what the tail reveals."""
+    head = b""
+    for probe in PROBES:
+        if not probe.tail:
+            continue
+        try:
+            m = probe.probe(head, tail, size)
+        except NotThisFormat:
+            continue
+        raise UnsupportedImage(
+            f"input is a {m.describe()} image (found at its end); this version of imgpipe does not "
+            f"convert {m.format} yet (it is refused rather than copied as a raw disk)"
+        )
+
+
+__all__ = ["TAIL_BYTES", "check_tail", "decide"]

@@ -1,0 +1,1 @@
+"""qcow2: the header and the one-pass writer."""

@@ -1,0 +1,213 @@
+"""Wires one conversion job: source -> sniff -> decode -> zero-skip -> encode -> sink.
+
+One task group per job: the first failure cancels every stage, the sink aborts (no partial object,
+no open multipart upload, no temporary file) and the error reaches the caller naming its stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pipeline import log
+from pipeline.aqueue import ClosableQueue
+from pipeline.buffers import BufferPool, Chunk
+from pipeline.errors import ImgpipeError, SinkError, SourceError, UnsafeImage, UsageError
+from pipeline.formats.base import Match
+from pipeline.messages import Batch, Finish, Writes
+from pipeline.qcow2.writer import check_geometry
+from pipeline.s3util import S3Context
+from pipeline.settings import TiB, Settings
+from pipeline.sinks import open_sink
+from pipeline.sources import open_source
+from pipeline.stages import (
+    qcow2_encode_stage,
+    raw_decode_stage,
+    raw_encode_stage,
+    sniff_stage,
+    zero_skip_stage,
+)
+from pipeline.stats import JobStats
+
+
+def output_bound(virtual_size: int, settings: Settings) -> int:
+    """Largest output a disk of this size can produce: for S3's part-size policy."""
+    if settings.output_format == "raw":
+        return virtual_size
+    cs = settings.cluster_size
+    clusters = -(-virtual_size // cs)
+    l2 = -(-clusters // (cs // 8))
+    meta = l2 + 8 + -(-(clusters + l2) * 2 // cs) + -(-l2 * 8 // cs)
+    return (clusters + meta + 4) * cs
+
+
+class _Failures:
+    """Remembers the first real failure, in time order, tagged with the stage that raised it."""
+
+    def __init__(self) -> None:
+        self.first: BaseException | None = None
+
+    def wrap(self, name: str, coro: Awaitable[None]) -> Awaitable[None]:
+        async def run() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except ImgpipeError as exc:
+                exc.stage = exc.stage or name
+                self.first = self.first or exc
+                raise
+            except Exception as exc:
+                wrapped = _unexpected(name, exc)
+                self.first = self.first or wrapped
+                raise wrapped from exc
+
+        return run()
+
+
+def _unexpected(stage: str, exc: BaseException) -> ImgpipeError:
+    kind: type[ImgpipeError] = SinkError if stage == "sink" else SourceError if stage == "source" else ImgpipeError
+    if isinstance(exc, OSError) and exc.strerror:
+        err = kind(exc.strerror + (f": {exc.filename}" if exc.filename else ""))
+    else:
+        err = kind(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    err.stage = stage
+    return err
+
+
+async def _time_boxed(what: Callable[[], Awaitable[None]], seconds: float) -> None:
+    """Run cleanup to the end even if we are being cancelled, but never longer than `seconds`."""
+    task = asyncio.ensure_future(what())
+    try:
+        await asyncio.wait_for(asyncio.shield(task), seconds)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, seconds)
+        raise
+    except Exception as exc:  # cleanup must not mask the job's own error
+        log.get(stage="cleanup").warning("cleanup failed", error=str(exc))
+
+
+async def _progress(stats: JobStats, enabled: bool) -> None:
+    if not enabled:
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=stats.source_size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="converting",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.2,
+    )
+    try:
+        while True:
+            bar.update(stats.bytes_read - bar.n)
+            bar.set_postfix_str(f"zeros skipped {stats.zero_bytes_skipped / 2**20:.0f} MiB", refresh=True)
+            await asyncio.sleep(0.25)
+    finally:
+        bar.update(stats.bytes_read - bar.n)
+        bar.close()
+
+
+async def convert(src: str, dst: str, settings: Settings, job_id: str | None = None) -> dict[str, Any]:
+    """Convert SRC into DST; return the summary. Raises ImgpipeError subclasses on failure."""
+    stats = JobStats(source=src, destination=dst, output_format=settings.output_format)
+    stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
+    logger = log.get(job=job_id, source=src, destination=dst)
+    s3 = S3Context(settings)
+    source = open_source(src, settings)
+    if hasattr(source, "s3"):
+        source.s3 = s3  # one client per job for both ends
+        source._own_ctx = False
+    sink = None
+    try:
+        await _time_boxed_open(source)
+        stats.source_size = source.size
+        if source.size is not None:
+            if source.size > settings.max_virtual_size:
+                raise UnsafeImage(
+                    f"source is {source.size} bytes, over the virtual-size cap of "
+                    f"{settings.max_virtual_size / TiB:g} TiB; raise IMGPIPE_MAX_VIRTUAL_SIZE if expected"
+                )
+            if settings.output_format == "qcow2":
+                check_geometry(source.size, settings.cluster_size)
+        bound = output_bound(source.size, settings) if source.size is not None else None
+        sink = open_sink(dst, settings, s3, bound)
+        reserve = settings.cluster_size if settings.output_format == "qcow2" else 0
+        await sink.open(reserve)
+        logger.info("job started", size=source.size, ranged=source.ranged, etag=source.etag)
+        await _run_stages(source, sink, settings, stats)
+    except BaseException as exc:
+        if sink is not None:
+            await _time_boxed(sink.abort, settings.cleanup_timeout)
+        if isinstance(exc, ImgpipeError):
+            logger.info("job failed", stage=exc.stage, error=exc.one_line(), exit_status=exc.exit_status)
+        raise
+    finally:
+        stats.requests = source.requests
+        with contextlib.suppress(Exception):
+            await source.close()
+        with contextlib.suppress(Exception):
+            await s3.aclose()
+    stats.seconds = time.monotonic() - stats.started
+    stats.output_size = sink.written
+    summary = stats.summary()
+    logger.info("job done", **{k: v for k, v in summary.items() if k not in ("source", "destination")})
+    return summary
+
+
+async def _time_boxed_open(source: Any) -> None:
+    try:
+        await source.open()
+    except ImgpipeError as exc:
+        exc.stage = exc.stage or "source"
+        raise
+
+
+async def _run_stages(source: Any, sink: Any, settings: Settings, stats: JobStats) -> None:
+    depth = settings.queue_depth
+    pool = BufferPool(settings.buffers, settings.chunk_size)
+    raw_q: ClosableQueue[Chunk] = ClosableQueue(depth)
+    sniffed_q: ClosableQueue[Chunk] = ClosableQueue(depth)
+    decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
+    runs_q: ClosableQueue[Batch] = ClosableQueue(depth)
+    out_q: ClosableQueue[Writes | Finish] = ClosableQueue(depth)
+    verdict: asyncio.Future[Match] = asyncio.get_running_loop().create_future()
+    failures = _Failures()
+    progress_on = settings.progress if settings.progress is not None else sys.stderr.isatty()
+
+    async def decode() -> None:
+        match = await verdict
+        if match.format not in ("raw", "iso"):
+            raise UsageError(f"no decoder for {match.format}")  # sniff refuses these first
+        await raw_decode_stage(sniffed_q, decoded_q, settings, stats)
+
+    if settings.output_format == "qcow2":
+        encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
+    else:
+        encode = raw_encode_stage(runs_q, out_q, stats)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            progress = asyncio.create_task(_progress(stats, progress_on))
+            tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
+            tg.create_task(failures.wrap("sniff", sniff_stage(source, raw_q, sniffed_q, verdict, stats)))
+            tg.create_task(failures.wrap("decode", decode()))
+            tg.create_task(failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats)))
+            tg.create_task(failures.wrap("encode", encode))
+            tg.create_task(failures.wrap("sink", sink.run(out_q)))
+    except BaseExceptionGroup as group:
+        if failures.first is not None:
+            raise failures.first from None
+        raise group.exceptions[0] from None
+    finally:
+        progress.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await progress

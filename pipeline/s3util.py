@@ -1,0 +1,110 @@
+"""S3 plumbing shared by the S3 source and sink: URL parsing, one client per job, error wording.
+
+Endpoint, region and credentials come from the standard AWS environment and config files, as every
+AWS tool does (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION, ...); --endpoint-url overrides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from pipeline.errors import ImgpipeError, SourceChanged, UsageError
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class S3Url:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_s3_url(spec: str) -> S3Url:
+    rest = spec[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key:
+        raise UsageError(f"{spec!r}: an S3 location is s3://BUCKET/KEY, with both parts")
+    return S3Url(bucket, key)
+
+
+class S3Context:
+    """One aiobotocore client per job, opened on first use and closed with the job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def client(self) -> Any:
+        if self._client is None:
+            s = self.settings
+            endpoint = s.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                "AWS_ENDPOINT_URL"
+            )
+            s3cfg: dict[str, Any] = {}
+            # Self-hosted stores (Ceph RGW, MinIO, moto) answer path-style; AWS picks its own default.
+            if endpoint:
+                s3cfg["addressing_style"] = os.environ.get("IMGPIPE_S3_ADDRESSING_STYLE", "path")
+            config = AioConfig(
+                connect_timeout=s.connect_timeout,
+                read_timeout=s.read_timeout,
+                retries={"mode": "standard", "max_attempts": s.retries + 1},
+                max_pool_connections=max(s.read_concurrency, s.upload_concurrency) + 4,
+                s3=s3cfg or None,
+            )
+            session = get_session()
+            self._client = await self._stack.enter_async_context(
+                session.create_client("s3", endpoint_url=endpoint, config=config)
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        self._client = None
+        await self._stack.aclose()
+
+
+def error_code(exc: ClientError) -> tuple[str, int]:
+    err = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(err.get("Code", "")), int(status or 0)
+
+
+def describe(exc: BaseException, where: str, kind: type[ImgpipeError]) -> ImgpipeError:
+    """A one-line error that says what failed and, where it can, what to change."""
+    if isinstance(exc, ClientError):
+        code, status = error_code(exc)
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return SourceChanged(
+                f"{where} changed while it was being read (ETag no longer matches); "
+                "run the job again to convert one consistent version"
+            )
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return kind(f"{where}: no such object")
+        if code == "NoSuchBucket":
+            return kind(f"{where}: no such bucket")
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return kind(f"{where}: access denied ({code}); check the credentials and the bucket policy")
+        msg = exc.response.get("Error", {}).get("Message", "")
+        return kind(f"{where}: S3 error {code or status}: {msg}".rstrip(": "))
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return kind(
+            f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return kind(f"{where}: cannot reach the S3 endpoint ({exc}); check AWS_ENDPOINT_URL or --endpoint-url")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return kind(f"{where}: {text}")

@@ -1,0 +1,29 @@
+"""The sink interface: consume writes in stream order, commit on Finish, or abort and leave nothing."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pipeline.aqueue import ClosableQueue
+from pipeline.messages import Finish, Writes
+from pipeline.settings import Settings
+
+
+class Sink(ABC):
+    def __init__(self, spec: str, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.written = 0
+        self.committed = False
+
+    async def open(self, reserve: int) -> None:
+        """Prepare; `reserve` bytes at offset 0 (the qcow2 header cluster) are written at Finish."""
+        self.reserve = reserve
+
+    @abstractmethod
+    async def run(self, inq: ClosableQueue[Writes | Finish]) -> None:
+        """Write everything from `inq`; on Finish write the head at 0 and commit atomically."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Remove every trace of this job's output. Must be safe to call at any point, twice."""

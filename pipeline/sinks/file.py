@@ -1,0 +1,178 @@
+"""Local files (written under a temporary name beside DST, renamed on success) and pipes/stdout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+
+import aiofiles.os
+
+from pipeline.aqueue import ClosableQueue
+from pipeline.errors import SinkError, UsageError
+from pipeline.messages import Finish, Writes
+from pipeline.settings import Settings
+from pipeline.sinks.base import Sink
+
+IOV_MAX = 1024
+_ZEROS = bytes(1024 * 1024)
+
+
+def _pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
+    total = 0
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        batch = views[:IOV_MAX]
+        n = os.pwritev(fd, batch, offset)
+        total += n
+        offset += n
+        # Drop what was written (short writes are rare on regular files, but legal).
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return total
+
+
+class FileSink(Sink):
+    def __init__(self, spec: str, settings: Settings) -> None:
+        super().__init__(spec, settings)
+        self.path = os.path.abspath(spec)
+        self.tmp: str | None = None
+        self.fd = -1
+
+    async def open(self, reserve: int) -> None:
+        await super().open(reserve)
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise UsageError(f"{self.spec}: directory {parent} does not exist")
+        try:
+            # Beside DST so the final rename is atomic (same filesystem).
+            self.fd, self.tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(self.path)}.", suffix=".imgpipe-partial", dir=parent
+            )
+        except OSError as exc:
+            raise SinkError(f"{self.spec}: cannot create a file in {parent}: {exc.strerror}") from None
+        # mkstemp makes 0600 files; the output should get the usual umask-derived mode, as cp would give.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(self.fd, 0o666 & ~umask)
+
+    async def run(self, inq: ClosableQueue[Writes | Finish]) -> None:
+        pos = self.reserve
+        async for item in inq:
+            if isinstance(item, Finish):
+                await self._commit(item)
+                continue
+            bufs: list[bytes | memoryview] = []
+            start = pos
+            for piece in item.items:
+                if isinstance(piece, int):
+                    # A zero run: flush what is pending, then leave a hole.
+                    if bufs:
+                        await self._write(bufs, start)
+                        bufs = []
+                    pos += piece
+                    start = pos
+                else:
+                    bufs.append(piece)
+                    pos += len(piece)
+            if bufs:
+                await self._write(bufs, start)
+            item.release()
+        self.written = pos
+
+    async def _write(self, bufs: list[bytes | memoryview], offset: int) -> None:
+        try:
+            await asyncio.to_thread(_pwritev_all, self.fd, bufs, offset)
+        except OSError as exc:
+            raise SinkError(f"{self.spec}: write failed: {exc.strerror or exc}") from None
+
+    async def _commit(self, fin: Finish) -> None:
+        assert self.tmp is not None
+        fd = self.fd
+
+        def finish() -> None:
+            if fin.head:
+                os.pwrite(fd, fin.head, 0)
+            os.ftruncate(fd, fin.output_size)  # trailing holes of a raw image
+            if self.settings.fsync:
+                os.fsync(fd)
+
+        try:
+            await asyncio.to_thread(finish)
+            os.close(fd)
+            self.fd = -1
+            await aiofiles.os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise SinkError(f"{self.spec}: cannot finish the output: {exc.strerror or exc}") from None
+        self.tmp = None
+        self.committed = True
+        self.written = fin.output_size
+
+    async def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp is not None:
+            try:
+                await aiofiles.os.remove(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+class StreamSink(Sink):
+    """stdout or a pipe: raw only, strictly sequential, zero runs written as zeros."""
+
+    def __init__(self, spec: str, settings: Settings, fd: int | None = None) -> None:
+        super().__init__(spec, settings)
+        self.fd = fd if fd is not None else -1
+        self._own = fd is None
+
+    async def open(self, reserve: int) -> None:
+        await super().open(reserve)
+        if reserve:
+            raise UsageError("qcow2 cannot be written to a pipe; use --output-format raw")
+        if self._own:
+            try:
+                self.fd = os.open(self.spec, os.O_WRONLY)
+            except OSError as exc:
+                raise SinkError(f"{self.spec}: cannot open for writing: {exc.strerror}") from None
+
+    def _write_all(self, bufs: list[bytes | memoryview | int]) -> int:
+        total = 0
+        for b in bufs:
+            if isinstance(b, int):
+                left = b
+                while left:
+                    n = os.write(self.fd, memoryview(_ZEROS)[: min(left, len(_ZEROS))])
+                    left -= n
+                    total += n
+                continue
+            mv = memoryview(b).cast("B")
+            while mv:
+                n = os.write(self.fd, mv)
+                mv = mv[n:]
+                total += n
+        return total
+
+    async def run(self, inq: ClosableQueue[Writes | Finish]) -> None:
+        async for item in inq:
+            if isinstance(item, Finish):
+                self.committed = True
+                continue
+            try:
+                self.written += await asyncio.to_thread(self._write_all, item.items)
+            except BrokenPipeError:
+                raise SinkError(f"{self.spec}: the reader closed the pipe") from None
+            except OSError as exc:
+                raise SinkError(f"{self.spec}: write failed: {exc.strerror or exc}") from None
+            item.release()
+
+    async def abort(self) -> None:
+        # Bytes already in a pipe cannot be recalled; the non-zero exit status tells the reader.
+        if self._own and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,21 @@
+"""Where image bytes come from: local files and stdin, HTTP(S) URLs, S3 objects."""
+
+from __future__ import annotations
+
+from pipeline.settings import Settings
+from pipeline.sources.base import Source
+
+
+def open_source(spec: str, settings: Settings) -> Source:
+    """Pick the source for a SRC argument: '-', a path, http(s)://..., s3://bucket/key."""
+    if spec.startswith(("http://", "https://")):
+        from pipeline.sources.http import HttpSource
+
+        return HttpSource(spec, settings)
+    if spec.startswith("s3://"):
+        from pipeline.sources.s3 import S3Source
+
+        return S3Source(spec, settings)
+    from pipeline.sources.file import FileSource
+
+    return FileSource(spec, settings)

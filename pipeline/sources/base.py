@@ -1,0 +1,174 @@
+"""The source interface and the ranged reader that HTTP and S3 share.
+
+A source delivers the image as pooled chunks of exactly `pool.size` bytes (the last may be shorter),
+in order, into a bounded queue. A source that can serve byte ranges also answers `read_range` (used to
+read a VHD footer first, and by sparse decoders to read their tables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+from pipeline.aqueue import ClosableQueue
+from pipeline.buffers import BufferPool, Chunk
+from pipeline.errors import SourceChanged, SourceError
+from pipeline.settings import Settings
+
+OnBytes = Callable[[int], None]
+
+
+class TransientReadError(Exception):
+    """A read that may succeed if retried from where it stopped (dropped connection, 5xx)."""
+
+
+class Source(ABC):
+    def __init__(self, spec: str, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.size: int | None = None
+        self.ranged = False
+        self.etag: str | None = None
+        # Counters the tests (and issue 3's byte accounting) read: requests made, body bytes fetched.
+        self.requests = 0
+        self.bytes_fetched = 0
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Learn size, version (ETag) and range support; raise SourceError if unreadable."""
+
+    @abstractmethod
+    async def produce(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
+        """Put the whole image into `out` as chunks, then close it."""
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        raise SourceError(f"{self.spec}: this source cannot read byte ranges")
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> Source:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class RangedSource(Source):
+    """Concurrent ranged reads reassembled in order, each resumed from its last byte on a drop.
+
+    Subclasses provide `_range_pieces(start, end)`: the body of one ranged request pinned to the
+    version first seen, raising TransientReadError for failures worth retrying and SourceChanged /
+    SourceError for the rest.
+    """
+
+    @abstractmethod
+    def _range_pieces(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Body bytes of [start, end) of the pinned version, as they arrive."""
+
+    async def _first_chunk(self, pool: BufferPool) -> Chunk | None:
+        """Hook: a subclass that already holds the first response body returns it as a chunk."""
+        return None
+
+    async def _fill(self, chunk: Chunk, offset: int, length: int) -> Chunk:
+        buf = chunk.buf
+        got = 0
+        failures = 0
+        while got < length:
+            try:
+                async with contextlib.aclosing(self._range_pieces(offset + got, offset + length)) as body:
+                    async for piece in body:
+                        n = len(piece)
+                        if got + n > length:
+                            raise SourceError(
+                                f"{self.spec}: server sent more bytes than the range "
+                                f"{offset + got}-{offset + length - 1} it announced"
+                            )
+                        buf[got : got + n] = piece
+                        got += n
+                        self.bytes_fetched += n
+                if got < length:
+                    raise TransientReadError(f"body ended after {got} of {length} bytes")
+            except TransientReadError as exc:
+                failures += 1
+                if failures > self.settings.retries:
+                    raise SourceError(
+                        f"{self.spec}: reading bytes {offset + got}-{offset + length - 1} failed "
+                        f"{failures} times, last: {exc}"
+                    ) from None
+                await asyncio.sleep(self.settings.retry_backoff * 2 ** (failures - 1))
+        chunk.length = length
+        return chunk
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        chunk = Chunk(None, bytearray(length), 0)
+        await self._fill(chunk, offset, length)
+        return bytes(chunk.buf)
+
+    async def produce(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
+        assert self.size is not None
+        size, step = self.size, pool.size
+        first = await self._first_chunk(pool)
+        next_off = 0
+        if first is not None:
+            next_off = first.length
+            on_bytes(first.length)
+            await out.put(first)
+        async with asyncio.TaskGroup() as tg:
+            window: deque[asyncio.Task[Chunk]] = deque()
+            while next_off < size or window:
+                while next_off < size and len(window) < self.settings.read_concurrency:
+                    n = min(step, size - next_off)
+                    chunk = await pool.chunk()
+                    window.append(tg.create_task(self._fill(chunk, next_off, n)))
+                    next_off += n
+                done = await window.popleft()
+                on_bytes(done.length)
+                await out.put(done)
+        await out.close()
+
+
+class ChunkFiller:
+    """Packs pieces of arbitrary size into full pooled chunks (copying is unavoidable for sockets)."""
+
+    def __init__(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
+        self.pool = pool
+        self.out = out
+        self.on_bytes = on_bytes
+        self.cur: Chunk | None = None
+        self.total = 0
+
+    async def feed(self, piece: bytes | memoryview) -> None:
+        mv = memoryview(piece)
+        while mv:
+            if self.cur is None:
+                self.cur = await self.pool.chunk()
+            c = self.cur
+            take = min(len(mv), self.pool.size - c.length)
+            c.buf[c.length : c.length + take] = mv[:take]
+            c.length += take
+            mv = mv[take:]
+            self.total += take
+            if c.length == self.pool.size:
+                self.cur = None
+                self.on_bytes(c.length)
+                await self.out.put(c)
+
+    async def finish(self) -> None:
+        if self.cur is not None and self.cur.length:
+            self.on_bytes(self.cur.length)
+            await self.out.put(self.cur)
+        self.cur = None
+        await self.out.close()
+
+
+def check_same_version(spec: str, pinned: str | None, seen: str | None) -> None:
+    if pinned and seen and pinned != seen:
+        raise SourceChanged(
+            f"{spec} changed while it was being read (ETag {pinned} became {seen}); "
+            "run the job again to convert one consistent version"
+        )

@@ -1,0 +1,219 @@
+"""The stages between source and sink. Each does one thing; the runner wires their queues.
+
+    chunks -> sniff -> decode -> zero-skip -> encode -> writes
+
+Every stage closes its output queue when its input ends, so end-of-stream flows down the chain; on
+failure the runner's task group cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pipeline.aqueue import ClosableQueue
+from pipeline.buffers import Chunk
+from pipeline.errors import UnsafeImage
+from pipeline.formats import sniff
+from pipeline.formats.base import Match
+from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
+from pipeline.messages import Batch, Extent, Finish, Writes
+from pipeline.qcow2.writer import Qcow2Writer
+from pipeline.settings import TiB, Settings
+from pipeline.sources.base import Source
+from pipeline.stats import JobStats
+
+
+async def sniff_stage(
+    source: Source,
+    inq: ClosableQueue[Chunk],
+    outq: ClosableQueue[Chunk],
+    verdict: asyncio.Future[Match],
+    stats: JobStats,
+) -> None:
+    """Decide the format from the head (and tail) as they stream by, then pass the chunks on.
+
+    Holds a copy of at most HEAD_BYTES + TAIL_BYTES; the chunks themselves are only delayed.
+    """
+    held: list[Chunk] = []
+    head = bytearray()
+    eof = False
+    while len(head) < HEAD_BYTES:
+        chunk = await inq.get()
+        if chunk is None:
+            eof = True
+            break
+        held.append(chunk)
+        head += chunk.buf[: min(chunk.length, HEAD_BYTES - len(head))]
+    size = source.size
+    tail: bytes | None = None
+    if size is not None and size <= len(head):
+        tail = bytes(head[-TAIL_BYTES:])
+    elif eof:
+        size = len(head)
+        tail = bytes(head[-TAIL_BYTES:])
+    elif size is not None and source.ranged:
+        tail = await source.read_range(size - TAIL_BYTES, TAIL_BYTES)
+    match = sniff.decide(bytes(head), tail, size)
+    stats.source_format, stats.source_detail = match.format, match.detail
+    verdict.set_result(match)
+    del head
+    for chunk in held:
+        await outq.put(chunk)
+    if tail is None:
+        # A sequential source shows its tail only at EOF: keep the last bytes and judge them then.
+        last = bytes(held[-1].buf[max(0, held[-1].length - TAIL_BYTES) : held[-1].length]) if held else b""
+        total = sum(c.length for c in held)
+        async for chunk in inq:
+            total += chunk.length
+            if chunk.length >= TAIL_BYTES:
+                last = bytes(chunk.buf[chunk.length - TAIL_BYTES : chunk.length])
+            else:
+                last = (last + bytes(chunk.buf[: chunk.length]))[-TAIL_BYTES:]
+            await outq.put(chunk)
+        sniff.check_tail(last, total)
+    else:
+        async for chunk in inq:
+            await outq.put(chunk)
+    await outq.close()
+
+
+async def raw_decode_stage(
+    inq: ClosableQueue[Chunk], outq: ClosableQueue[Batch], settings: Settings, stats: JobStats
+) -> None:
+    """Raw and ISO: the file is the guest disk, byte for byte."""
+    offset = 0
+    cap = settings.max_virtual_size
+    async for chunk in inq:
+        if offset + chunk.length > cap:
+            chunk.release()
+            raise UnsafeImage(
+                f"image is larger than the virtual-size cap of {cap / TiB:g} TiB; "
+                "raise IMGPIPE_MAX_VIRTUAL_SIZE if this is expected"
+            )
+        await outq.put(Batch([Extent(offset, chunk.length, chunk, 0)], [chunk]))
+        offset += chunk.length
+    stats.virtual_size = offset
+    await outq.close()
+
+
+class ZeroSkipper:
+    """Splits data extents into runs of data clusters and zero clusters (zero runs carry no bytes).
+
+    Tests a coarse 64 KiB block first so small clusters cost one compare where the disk is empty;
+    `bytearray.startswith(zeros, offset)` is a memcmp on the buffer, no copy.
+    """
+
+    def __init__(self, cluster_size: int) -> None:
+        self.cs = cluster_size
+        self.coarse = max(cluster_size, 64 * 1024)
+        self.zero_coarse = bytes(self.coarse)
+        self.zero_cluster = bytes(cluster_size)
+
+    def split(self, ext: Extent, out: list[Extent]) -> int:
+        """Append the runs of `ext` to `out`; return the number of zero bytes found."""
+        if ext.chunk is None:
+            out.append(ext)
+            return ext.length
+        buf = ext.chunk.buf
+        cs, coarse = self.cs, self.coarse
+        zc, zcoarse = self.zero_cluster, self.zero_coarse
+        base, end = ext.start, ext.start + ext.length
+        zeros = 0
+        run_start = base
+        run_zero: bool | None = None
+        pos = base
+        while pos < end:
+            step = coarse if pos + coarse <= end else cs
+            n = min(step, end - pos)
+            if n == step:
+                is_zero = buf.startswith(zcoarse if step == coarse else zc, pos)
+            else:
+                is_zero = buf.startswith(zc[:n], pos)
+            if step == coarse and not is_zero and coarse != cs:
+                # Mixed coarse block: look at its clusters one by one.
+                for p in range(pos, pos + coarse, cs):
+                    z = buf.startswith(zc, p)
+                    if z != run_zero:
+                        if run_zero is not None:
+                            zeros += self._emit(ext, run_start, p, run_zero, out)
+                        run_start, run_zero = p, z
+                pos += coarse
+                continue
+            if is_zero != run_zero:
+                if run_zero is not None:
+                    zeros += self._emit(ext, run_start, pos, run_zero, out)
+                run_start, run_zero = pos, is_zero
+            pos += n
+        if run_zero is not None:
+            zeros += self._emit(ext, run_start, end, run_zero, out)
+        return zeros
+
+    @staticmethod
+    def _emit(ext: Extent, a: int, b: int, zero: bool, out: list[Extent]) -> int:
+        off = ext.offset + (a - ext.start)
+        if zero:
+            out.append(Extent(off, b - a))
+            return b - a
+        out.append(Extent(off, b - a, ext.chunk, a))
+        return 0
+
+
+async def zero_skip_stage(
+    inq: ClosableQueue[Batch], outq: ClosableQueue[Batch], cluster_size: int, stats: JobStats
+) -> None:
+    skipper = ZeroSkipper(cluster_size)
+    async for batch in inq:
+        runs: list[Extent] = []
+        for ext in batch.extents:
+            if ext.offset % cluster_size:
+                raise ValueError("decoder produced an extent that is not cluster aligned")
+            stats.zero_bytes_skipped += skipper.split(ext, runs)
+        await outq.put(Batch(runs, batch.owned))
+    await outq.close()
+
+
+async def qcow2_encode_stage(
+    inq: ClosableQueue[Batch], outq: ClosableQueue[Writes | Finish], settings: Settings, stats: JobStats
+) -> None:
+    writer = Qcow2Writer(settings.cluster_size, settings.compat)
+    guest_end = 0
+    async for batch in inq:
+        items: list[bytes | memoryview | int] = []
+        for ext in batch.extents:
+            if ext.chunk is not None:
+                writer.add_data(ext.offset, ext.view(), items)  # type: ignore[arg-type]
+            else:
+                writer.skip_to(ext.offset + ext.length)
+            guest_end = max(guest_end, ext.offset + ext.length)
+        stats.data_clusters = writer.data_clusters
+        if items:
+            await outq.put(Writes(items, batch.owned))
+        else:
+            batch.release()
+    vsize = stats.virtual_size or guest_end
+    tail = writer.finish(vsize)
+    await outq.put(Writes(list(tail.metadata)))
+    stats.virtual_size = tail.virtual_size
+    await outq.put(Finish(tail.header, tail.virtual_size, tail.output_size))
+    await outq.close()
+
+
+async def raw_encode_stage(
+    inq: ClosableQueue[Batch], outq: ClosableQueue[Writes | Finish], stats: JobStats
+) -> None:
+    """Raw output: data as is, zero runs as holes (or zeros where the sink cannot make holes)."""
+    pos = 0
+    async for batch in inq:
+        items: list[bytes | memoryview | int] = []
+        for ext in batch.extents:
+            if ext.offset > pos:
+                items.append(ext.offset - pos)
+            items.append(ext.view() if ext.chunk is not None else ext.length)
+            pos = ext.offset + ext.length
+        await outq.put(Writes(items, batch.owned))
+    vsize = max(stats.virtual_size, pos)
+    if vsize > pos:
+        await outq.put(Writes([vsize - pos]))
+    stats.virtual_size = vsize
+    await outq.put(Finish(b"", vsize, vsize))
+    await outq.close()
