@@ -14,12 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# qemu-img is the test oracle (check, compare), never a runtime dependency.
+# qemu-img is the test oracle (check, compare), never a runtime dependency; genisoimage builds ISOs.
+TEST_TOOLS := qemu-img:qemu-utils genisoimage:genisoimage
 qemu-utils:
-	@command -v qemu-img >/dev/null 2>&1 || { \
+	@missing=""; for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null; \
-	  else echo "qemu-img missing: install qemu-utils (the tests use it as their oracle)"; exit 1; fi; }
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing test tools:$$missing (install them; qemu-img is the tests' oracle)"; exit 1; fi; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline tests
@@ -29,7 +31,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) qemu-utils lint typecheck
-	$(VENV)/bin/pytest -n 0 -q 2>/dev/null || $(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q
 
 run: $(STAMP)
 	$(VPY) -m pipeline.demo

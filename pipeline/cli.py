@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 from pipeline import __version__, log
-from pipeline.errors import EXIT_FAILURE, EXIT_USAGE, ImgpipeError, UsageError
+from pipeline.errors import EXIT_USAGE, ImgpipeError, UsageError
 from pipeline.settings import Settings, from_env, parse_size
 
 EPILOG = """\
@@ -29,7 +28,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="imgpipe", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="imgpipe",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"imgpipe {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     c = sub.add_parser(
@@ -44,15 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", metavar="DST")
     c.add_argument("-O", "--output-format", choices=("qcow2", "raw"), default=None, help="default qcow2")
     c.add_argument("--cluster-size", metavar="SIZE", help="qcow2 cluster size, 512 to 2M (default 64K)")
-    c.add_argument("--compat", choices=("1.1", "0.10"), default=None, help="qcow2 v3 (1.1, default) or v2 (0.10)")
+    c.add_argument(
+        "--compat", choices=("1.1", "0.10"), default=None, help="qcow2 v3 (1.1, default) or v2 (0.10)"
+    )
     c.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    c.add_argument("--progress", dest="progress", action="store_true", default=None, help="show a progress bar")
+    c.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="show a progress bar"
+    )
     c.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
     c.add_argument("--json", action="store_true", help="print the final summary as one JSON object on stdout")
     c.add_argument("--part-size", metavar="SIZE", help="S3 part size (default 8M; grows to fit 10,000 parts)")
     c.add_argument("--read-concurrency", type=int, metavar="N", help="concurrent ranged reads (default 4)")
     c.add_argument("--upload-concurrency", type=int, metavar="N", help="concurrent part uploads (default 4)")
-    c.add_argument("--fsync", action="store_true", default=None, help="fsync a local output before renaming it")
+    c.add_argument(
+        "--fsync", action="store_true", default=None, help="fsync a local output before renaming it"
+    )
     c.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     c.add_argument("--job-id", help="bound to every log line of this job")
     return p
@@ -79,7 +89,8 @@ def _human(summary: dict[str, Any]) -> str:
         return f"{int(n) / 2**20:,.1f} MiB"
 
     return (
-        f"{summary['source_format']} -> {summary['output_format']}: virtual size {mib(summary['virtual_size'])}, "
+        f"{summary['source_format']} -> {summary['output_format']}: "
+        f"virtual size {mib(summary['virtual_size'])}, "
         f"read {mib(summary['bytes_read'])}, {summary['data_clusters']} data clusters written, "
         f"zeros skipped {mib(summary['zero_bytes_skipped'])}, output {mib(summary['output_size'])}, "
         f"{summary['seconds']} s, {summary['mb_per_s']} MB/s"
@@ -94,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_status
-    log.configure(settings.log_level if settings.log_level != "info" or settings.json_summary else "warning"
-                  if os.environ.get("IMGPIPE_QUIET") else settings.log_level)
+    log.configure(settings.log_level)
     from pipeline.runner import convert
 
     try:

@@ -35,7 +35,7 @@ class InputRefused(ImgpipeError):
     exit_status = EXIT_REFUSED
 
 
-class NotThisFormat(Exception):  # noqa: N818 - a verdict, not a failure
+class NotThisFormat(Exception):
     """Raised by a format probe: the bytes are not this format (distinct from a broken image)."""
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from pipeline import log
@@ -21,7 +21,7 @@ from pipeline.formats.base import Match
 from pipeline.messages import Batch, Finish, Writes
 from pipeline.qcow2.writer import check_geometry
 from pipeline.s3util import S3Context
-from pipeline.settings import TiB, Settings
+from pipeline.settings import Settings, TiB
 from pipeline.sinks import open_sink
 from pipeline.sources import open_source
 from pipeline.stages import (
@@ -51,7 +51,7 @@ class _Failures:
     def __init__(self) -> None:
         self.first: BaseException | None = None
 
-    def wrap(self, name: str, coro: Awaitable[None]) -> Awaitable[None]:
+    def wrap(self, name: str, coro: Awaitable[None]) -> Coroutine[Any, Any, None]:
         async def run() -> None:
             try:
                 await coro
@@ -70,7 +70,9 @@ class _Failures:
 
 
 def _unexpected(stage: str, exc: BaseException) -> ImgpipeError:
-    kind: type[ImgpipeError] = SinkError if stage == "sink" else SourceError if stage == "source" else ImgpipeError
+    kind: type[ImgpipeError] = (
+        SinkError if stage == "sink" else SourceError if stage == "source" else ImgpipeError
+    )
     if isinstance(exc, OSError) and exc.strerror:
         err = kind(exc.strerror + (f": {exc.filename}" if exc.filename else ""))
     else:
@@ -123,10 +125,7 @@ async def convert(src: str, dst: str, settings: Settings, job_id: str | None = N
     stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
     logger = log.get(job=job_id, source=src, destination=dst)
     s3 = S3Context(settings)
-    source = open_source(src, settings)
-    if hasattr(source, "s3"):
-        source.s3 = s3  # one client per job for both ends
-        source._own_ctx = False
+    source = open_source(src, settings, s3)  # one S3 client per job serves both ends
     sink = None
     try:
         await _time_boxed_open(source)
@@ -200,7 +199,9 @@ async def _run_stages(source: Any, sink: Any, settings: Settings, stats: JobStat
             tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
             tg.create_task(failures.wrap("sniff", sniff_stage(source, raw_q, sniffed_q, verdict, stats)))
             tg.create_task(failures.wrap("decode", decode()))
-            tg.create_task(failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats)))
+            tg.create_task(
+                failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats))
+            )
             tg.create_task(failures.wrap("encode", encode))
             tg.create_task(failures.wrap("sink", sink.run(out_q)))
     except BaseExceptionGroup as group:

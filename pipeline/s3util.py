@@ -52,8 +52,8 @@ class S3Context:
     async def client(self) -> Any:
         if self._client is None:
             s = self.settings
-            endpoint = s.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-                "AWS_ENDPOINT_URL"
+            endpoint = (
+                s.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             )
             s3cfg: dict[str, Any] = {}
             # Self-hosted stores (Ceph RGW, MinIO, moto) answer path-style; AWS picks its own default.
@@ -102,9 +102,12 @@ def describe(exc: BaseException, where: str, kind: type[ImgpipeError]) -> Imgpip
         return kind(f"{where}: S3 error {code or status}: {msg}".rstrip(": "))
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return kind(
-            f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            f"{where}: no AWS credentials found; "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
         )
     if isinstance(exc, EndpointConnectionError):
-        return kind(f"{where}: cannot reach the S3 endpoint ({exc}); check AWS_ENDPOINT_URL or --endpoint-url")
+        return kind(
+            f"{where}: cannot reach the S3 endpoint ({exc}); check AWS_ENDPOINT_URL or --endpoint-url"
+        )
     text = " ".join(str(exc).split()) or type(exc).__name__
     return kind(f"{where}: {text}")

@@ -18,7 +18,7 @@ from pipeline.formats.base import Match
 from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
 from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.qcow2.writer import Qcow2Writer
-from pipeline.settings import TiB, Settings
+from pipeline.settings import Settings, TiB
 from pipeline.sources.base import Source
 from pipeline.stats import JobStats
 

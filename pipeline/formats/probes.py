@@ -95,9 +95,9 @@ class Bzip2Probe(Probe):
 
     def probe(self, head: bytes, tail: bytes | None, size: int | None) -> Match:
         # "BZh" + level digit + the block magic (BCD pi), or an empty stream's end-of-stream magic.
-        if len(head) >= 10 and head[:3] == b"BZh" and 0x31 <= head[3] <= 0x39:
-            if head[4:10] in (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90"):
-                return Match("bzip2")
+        magics = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
+        if len(head) >= 10 and head[:3] == b"BZh" and 0x31 <= head[3] <= 0x39 and head[4:10] in magics:
+            return Match("bzip2")
         raise NotThisFormat
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 
@@ -45,7 +46,7 @@ class FileSink(Sink):
     async def open(self, reserve: int) -> None:
         await super().open(reserve)
         parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
+        if not await aiofiles.os.path.isdir(parent):
             raise UsageError(f"{self.spec}: directory {parent} does not exist")
         try:
             # Beside DST so the final rename is atomic (same filesystem).
@@ -116,10 +117,8 @@ class FileSink(Sink):
             os.close(self.fd)
             self.fd = -1
         if self.tmp is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 await aiofiles.os.remove(self.tmp)
-            except FileNotFoundError:
-                pass
             self.tmp = None
 
 

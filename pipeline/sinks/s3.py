@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -18,7 +17,7 @@ from pipeline.aqueue import ClosableQueue
 from pipeline.errors import ImgpipeError, SinkError
 from pipeline.messages import Finish, Writes
 from pipeline.s3util import S3Context, describe, parse_s3_url
-from pipeline.settings import MiB, S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, Settings
+from pipeline.settings import S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, MiB, Settings
 from pipeline.sinks.base import Sink
 
 GROWTH_EVERY = 500  # unknown output size: the part size doubles every 500 parts ...
@@ -155,7 +154,11 @@ class S3Sink(Sink):
         try:
             # botocore retries 5xx, SlowDown and dropped connections (standard retry mode).
             resp = await client.upload_part(
-                Bucket=self.loc.bucket, Key=self.loc.key, UploadId=self.upload_id, PartNumber=number, Body=body
+                Bucket=self.loc.bucket,
+                Key=self.loc.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=body,
             )
         except (ClientError, BotoCoreError) as exc:
             raise describe(exc, f"{self.spec} part {number}", SinkError) from None
@@ -185,7 +188,10 @@ class S3Sink(Sink):
             if self.upload_id is None:
                 body = bytes(memoryview(self._part1)[: self._cur_len])
                 await client.put_object(
-                    Bucket=self.loc.bucket, Key=self.loc.key, Body=body, ContentType="application/octet-stream"
+                    Bucket=self.loc.bucket,
+                    Key=self.loc.key,
+                    Body=body,
+                    ContentType="application/octet-stream",
                 )
             else:
                 # Ascending part order: AWS rejects anything else (moto and Ceph would not notice).
@@ -217,7 +223,9 @@ class S3Sink(Sink):
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             try:
-                await client.abort_multipart_upload(Bucket=self.loc.bucket, Key=self.loc.key, UploadId=upload_id)
+                await client.abort_multipart_upload(
+                    Bucket=self.loc.bucket, Key=self.loc.key, UploadId=upload_id
+                )
                 self._log.info("multipart upload aborted", upload_id=upload_id)
             except (ClientError, BotoCoreError) as exc:
                 self._log.warning("could not abort multipart upload", upload_id=upload_id, error=str(exc))

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
@@ -67,7 +67,7 @@ class RangedSource(Source):
     """
 
     @abstractmethod
-    def _range_pieces(self, start: int, end: int) -> AsyncIterator[bytes]:
+    def _range_pieces(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Body bytes of [start, end) of the pinned version, as they arrive."""
 
     async def _first_chunk(self, pool: BufferPool) -> Chunk | None:

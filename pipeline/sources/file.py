@@ -78,7 +78,9 @@ class FileSource(Source):
             else:
                 chunk.release()
         if self.size is not None and total != self.size:
-            raise SourceError(f"{self.spec}: read {total} bytes but the file had {self.size}; it changed while read")
+            raise SourceError(
+                f"{self.spec}: read {total} bytes but the file had {self.size}; it changed while read"
+            )
         await out.close()
 
     async def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -44,7 +44,9 @@ class HttpSource(RangedSource):
     async def open(self) -> None:
         s = self.settings
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout
+            ),
             connector=aiohttp.TCPConnector(limit=s.read_concurrency + 2),
             auto_decompress=False,
         )
@@ -95,7 +97,9 @@ class HttpSource(RangedSource):
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or m.group(1) != "0" or m.group(3) == "*":
                 resp.release()
-                raise SourceError(f"{self.spec}: unusable Content-Range {resp.headers.get('Content-Range')!r}")
+                raise SourceError(
+                    f"{self.spec}: unusable Content-Range {resp.headers.get('Content-Range')!r}"
+                )
             self.size, self.ranged = int(m.group(3)), True
         else:
             self.size = resp.content_length  # None when the server does not say
@@ -132,7 +136,7 @@ class HttpSource(RangedSource):
             chunk.length = length
         return chunk
 
-    async def _range_pieces(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _range_pieces(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         assert self._session is not None
         try:
             resp = await self._session.get(self.url, headers=self._headers(start, end), allow_redirects=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -42,9 +42,13 @@ class S3Source(RangedSource):
         self.version_id = head.get("VersionId")
         self.ranged = True
 
-    async def _range_pieces(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _range_pieces(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         client = await self.s3.client()
-        kwargs: dict[str, Any] = {"Bucket": self.loc.bucket, "Key": self.loc.key, "Range": f"bytes={start}-{end - 1}"}
+        kwargs: dict[str, Any] = {
+            "Bucket": self.loc.bucket,
+            "Key": self.loc.key,
+            "Range": f"bytes={start}-{end - 1}",
+        }
         if self.etag:
             kwargs["IfMatch"] = self.etag
         try:
@@ -64,7 +68,11 @@ class S3Source(RangedSource):
             if not cr.startswith(f"bytes {start}-{end - 1}/"):
                 raise SourceError(f"{self.spec}: asked for bytes {start}-{end - 1}, got {cr!r}")
             if cr.rsplit("/", 1)[-1] != str(self.size):
-                raise describe(ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"), self.spec, SourceError)
+                raise describe(
+                    ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"),
+                    self.spec,
+                    SourceError,
+                )
             while True:
                 try:
                     piece = await body.read(1 << 20)

@@ -1,0 +1,155 @@
+"""Unit tests of the pieces whose rules are easy to get subtly wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+
+import pytest
+
+from pipeline.aqueue import ClosableQueue
+from pipeline.buffers import BufferPool, Chunk
+from pipeline.errors import UsageError
+from pipeline.messages import Extent
+from pipeline.qcow2.header import Qcow2Header
+from pipeline.runner import output_bound
+from pipeline.settings import GiB, MiB, Settings, TiB, from_env, parse_size
+from pipeline.sinks.s3 import part_size_for, part_size_policy
+from pipeline.stages import ZeroSkipper
+
+
+def test_parse_size() -> None:
+    assert parse_size("64K", "x") == 65536
+    assert parse_size("8MiB", "x") == 8 * MiB
+    assert parse_size("2m", "x") == 2 * MiB
+    assert parse_size("4096", "x") == 4096
+    with pytest.raises(UsageError, match="K/M/G/T suffix"):
+        parse_size("lots", "x")
+
+
+def test_settings_env_and_validation() -> None:
+    s = from_env({"IMGPIPE_CHUNK_SIZE": "8M", "IMGPIPE_READ_CONCURRENCY": "3"})
+    assert s.chunk_size == 8 * MiB
+    assert s.read_concurrency == 3
+    with pytest.raises(UsageError, match="multiple of 2M"):
+        from_env({"IMGPIPE_CHUNK_SIZE": "3M"})
+    with pytest.raises(UsageError, match="IMGPIPE_BUFFERS"):
+        from_env({"IMGPIPE_BUFFERS": "2"})
+    with pytest.raises(UsageError, match="whole number"):
+        from_env({"IMGPIPE_RETRIES": "many"})
+    budget = Settings().memory_budget()
+    assert budget["total"] == sum(v for k, v in budget.items() if k != "total")
+    assert budget["total"] < 160 * MiB
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 * GiB, TiB, 16 * TiB])
+def test_known_size_fits_in_10000_parts(size: int) -> None:
+    bound = output_bound(size, Settings())
+    part, grows = part_size_policy(8 * MiB, bound)
+    assert not grows
+    assert part >= 5 * MiB
+    # part 1 and the rest all of `part` bytes: 10,000 of them hold the largest possible output.
+    assert part * 10_000 >= bound
+    if size <= 16 * GiB:
+        assert part == 8 * MiB  # small and large test images use the same memory
+
+
+def test_unknown_size_grows_to_one_tib_within_10000_parts() -> None:
+    base, grows = part_size_policy(8 * MiB, None)
+    assert grows
+    sizes = [part_size_for(n, base, grows) for n in range(1, 10_001)]
+    assert sum(sizes) >= TiB
+    assert max(sizes) <= 128 * MiB
+    assert sizes == sorted(sizes)
+
+
+def test_output_bound_covers_a_fully_allocated_disk() -> None:
+    s = Settings()
+    size = 3 * GiB + 12345
+    clusters = -(-size // s.cluster_size)
+    assert output_bound(size, s) >= (clusters + 1) * s.cluster_size
+
+
+def test_header_round_trip() -> None:
+    h = Qcow2Header(
+        version=3,
+        cluster_bits=16,
+        size=10 * GiB,
+        l1_size=20,
+        l1_table_offset=65536 * 9,
+        refcount_table_offset=65536 * 7,
+        refcount_table_clusters=1,
+    )
+    raw = h.to_bytes()
+    assert raw[:4] == b"QFI\xfb"
+    assert Qcow2Header.from_bytes(raw) == h
+    h.validate()
+    with pytest.raises(ValueError, match="cluster aligned"):
+        dataclasses.replace(h, l1_table_offset=100).validate()
+    v2 = dataclasses.replace(h, version=2, header_length=72)
+    assert len(v2.to_bytes()) == 72 + 8  # v2 header, then the extension end marker
+
+
+def _runs(data: bytes, cs: int) -> list[tuple[int, int, bool]]:
+    chunk = Chunk(None, bytearray(data), len(data))
+    out: list[Extent] = []
+    ZeroSkipper(cs).split(Extent(0, len(data), chunk, 0), out)
+    return [(e.offset, e.length, e.chunk is None) for e in out]
+
+
+def test_zero_skipper_runs() -> None:
+    cs = 4096
+    data = bytearray(256 * 1024)
+    data[5000] = 1  # cluster 1
+    data[200 * 1024 + 7] = 1  # cluster 50
+    runs = _runs(bytes(data), cs)
+    assert runs == [
+        (0, 4096, True),
+        (4096, 4096, False),
+        (8192, 50 * 4096 - 8192, True),
+        (50 * 4096, 4096, False),
+        (51 * 4096, 256 * 1024 - 51 * 4096, True),
+    ]
+    # Runs tile the extent exactly, whatever the pattern.
+    rnd = bytearray(os.urandom(64 * 1024 + 300))
+    rnd[:20000] = bytes(20000)
+    r = _runs(bytes(rnd), 512)
+    assert sum(n for _, n, _ in r) == len(rnd)
+    assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(r))
+
+
+def test_zero_skipper_ragged_tail() -> None:
+    assert _runs(bytes(4096 + 100), 4096) == [(0, 4196, True)]
+    assert _runs(bytes(4096) + b"\x01" + bytes(99), 4096) == [(0, 4096, True), (4096, 100, False)]
+
+
+async def test_closable_queue_ends_iteration() -> None:
+    q: ClosableQueue[int] = ClosableQueue(2)
+
+    async def produce() -> None:
+        for i in range(5):
+            await q.put(i)
+        await q.close()
+
+    task = asyncio.create_task(produce())
+    got = [i async for i in q]
+    await task
+    assert got == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError):
+        await q.put(9)
+
+
+async def test_buffer_pool_bounds_and_reuses() -> None:
+    pool = BufferPool(2, 1024)
+    a, b = await pool.chunk(), await pool.chunk()
+    waiter = asyncio.create_task(pool.chunk())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # the pool is the memory bound: a third buffer waits
+    a.release()
+    c = await asyncio.wait_for(waiter, 1)
+    assert c.buf is a.buf
+    a.release()  # a second release is harmless
+    b.release()
+    c.release()
