@@ -57,6 +57,13 @@ class _Failures:
                 await coro
             except asyncio.CancelledError:
                 raise
+            except BaseExceptionGroup as group:
+                # A stage's own task group (the sinks' uploads): report the error inside, not the group.
+                leaf = _first_leaf(group)
+                err = leaf if isinstance(leaf, ImgpipeError) else _unexpected(name, leaf)
+                err.stage = err.stage or name
+                self.first = self.first or err
+                raise err from None
             except ImgpipeError as exc:
                 exc.stage = exc.stage or name
                 self.first = self.first or exc
@@ -67,6 +74,15 @@ class _Failures:
                 raise wrapped from exc
 
         return run()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 def _unexpected(stage: str, exc: BaseException) -> ImgpipeError:

@@ -32,7 +32,9 @@ def test_sizes_and_cluster_sizes(tmp_path: Path, size: int, cluster: str) -> Non
     src = make_raw(tmp_path / "disk.raw", size, seed=size)
     dst = tmp_path / "out.qcow2"
     compat = "0.10" if size % 2 else "1.1"
-    s = summary_of(imgpipe("convert", str(src), str(dst), "--cluster-size", cluster, "--compat", compat, "--json"))
+    s = summary_of(
+        imgpipe("convert", str(src), str(dst), "--cluster-size", cluster, "--compat", compat, "--json")
+    )
     qemu_check(dst)
     qemu_compare(src, dst)
     info = qemu_info(dst)

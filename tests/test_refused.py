@@ -18,7 +18,9 @@ from tests.helpers import MiB, error_line, imgpipe, leftovers, make_raw
 def _qemu_create(tmp_path: Path, fmt: str, *opts: str) -> Path:
     raw = make_raw(tmp_path / "base.raw", 3 * MiB, seed=1)
     out = tmp_path / f"img.{fmt}"
-    subprocess.run(["qemu-img", "convert", "-O", fmt, *opts, str(raw), str(out)], check=True, capture_output=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", fmt, *opts, str(raw), str(out)], check=True, capture_output=True
+    )
     raw.unlink()
     return out
 
@@ -37,8 +39,12 @@ QEMU_FORMATS = [
 ]
 
 
-@pytest.mark.parametrize(("fmt", "opts", "named"), QEMU_FORMATS, ids=[f"{f}{''.join(o)}" for f, o, _ in QEMU_FORMATS])
-def test_recognised_formats_are_refused_by_name(tmp_path: Path, fmt: str, opts: tuple[str, ...], named: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "opts", "named"), QEMU_FORMATS, ids=[f"{f}{''.join(o)}" for f, o, _ in QEMU_FORMATS]
+)
+def test_recognised_formats_are_refused_by_name(
+    tmp_path: Path, fmt: str, opts: tuple[str, ...], named: str
+) -> None:
     img = _qemu_create(tmp_path, fmt, *opts)
     dst = tmp_path / "out.qcow2"
     p = imgpipe("convert", str(img), str(dst))
