@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -137,6 +138,8 @@ async def _progress(stats: JobStats, enabled: bool) -> None:
 
 async def convert(src: str, dst: str, settings: Settings, job_id: str | None = None) -> dict[str, Any]:
     """Convert SRC into DST; return the summary. Raises ImgpipeError subclasses on failure."""
+    # botocore and aiohttp leave a large import-time object graph; keep the collector off it.
+    gc.freeze()
     stats = JobStats(source=src, destination=dst, output_format=settings.output_format)
     stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
     logger = log.get(job=job_id, source=src, destination=dst)
