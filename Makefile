@@ -36,8 +36,11 @@ test: $(STAMP) qemu-utils lint typecheck
 run: $(STAMP)
 	$(VPY) -m pipeline.demo
 
+# The benchmark also needs nginx (the HTTP source) and curl (the download-then-convert peer).
 bench: $(STAMP) qemu-utils
-	$(VPY) tests/bench/bench.py
+	@command -v nginx >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl >/dev/null; }
+	$(VPY) tests/bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
