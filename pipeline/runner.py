@@ -147,7 +147,7 @@ async def convert(src: str, dst: str, settings: Settings, job_id: str | None = N
     source = open_source(src, settings, s3)  # one S3 client per job serves both ends
     sink = None
     try:
-        await _time_boxed_open(source)
+        await _open_source(source)
         stats.source_size = source.size
         if source.size is not None:
             if source.size > settings.max_virtual_size:
@@ -182,7 +182,7 @@ async def convert(src: str, dst: str, settings: Settings, job_id: str | None = N
     return summary
 
 
-async def _time_boxed_open(source: Any) -> None:
+async def _open_source(source: Any) -> None:
     try:
         await source.open()
     except ImgpipeError as exc:

@@ -22,6 +22,7 @@ from pipeline.sinks.base import Sink
 
 GROWTH_EVERY = 500  # unknown output size: the part size doubles every 500 parts ...
 GROWTH_CAP = 128 * MiB  # ... up to this, so 10,000 parts hold 1.03 TiB
+_ZEROS = bytes(MiB)
 
 
 def part_size_policy(base: int, size_hint: int | None) -> tuple[int, bool]:
@@ -103,14 +104,11 @@ class S3Sink(Sink):
                 await self._rotate()
 
     async def _append_zeros(self, n: int) -> None:
+        zeros = memoryview(_ZEROS)
         while n:
-            room = len(self._cur) - self._cur_len
-            take = min(room, n)
-            self._cur[self._cur_len : self._cur_len + take] = bytes(take)
-            self._cur_len += take
+            take = min(n, len(_ZEROS))
+            await self._append(zeros[:take])
             n -= take
-            if self._cur_len == len(self._cur):
-                await self._rotate()
 
     async def _rotate(self) -> None:
         """The current buffer is full: hold it (part 1) or send it, then start the next part."""
