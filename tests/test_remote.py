@@ -301,3 +301,34 @@ def test_missing_s3_object_is_exit_1(tmp_path: Path, moto: MotoServer, bucket: s
 def test_s3_url_without_key_is_usage_error(tmp_path: Path, moto: MotoServer) -> None:
     p = imgpipe("convert", "s3://only-bucket", str(tmp_path / "o.qcow2"), env=_env(moto))
     assert p.returncode == 2
+
+
+def test_interrupt_aborts_the_upload(
+    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+) -> None:
+    """Ctrl-C mid-upload: exit 130, the multipart upload aborted, no object."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "disk.raw"
+    src.write_bytes(os.urandom(160 * MiB))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "IMGPIPE_"))}
+    env.update(_env(s3proxy))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "convert", str(src), f"s3://{bucket}/o.qcow2", "--no-progress"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not s3proxy.upload_part_numbers() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert s3proxy.upload_part_numbers(), "the upload never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-500:]
+    assert any(r.operation == "AbortMultipartUpload" for r in s3proxy.log)
+    _no_uploads_left(moto, bucket)
+    _no_object(moto, bucket, "o.qcow2")
