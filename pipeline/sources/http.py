@@ -10,6 +10,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 from yarl import URL
 
+from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import SourceChanged, SourceError
@@ -152,9 +153,10 @@ class HttpSource(RangedSource):
             err = TransientReadError(str(exc))
             err.received = exc.received
             raise err from None
-        except Unframed:
+        except Unframed as exc:
             self.requests += 1
             self._fast = None  # this server's answers need aiohttp's framing: use it from now on
+            log.get(stage="source").info("ranged reads fall back to aiohttp", reason=str(exc))
             return await super()._read_into(view, offset)
         self.requests += 1
         self._check_range_answer(head.status, head.get, offset, end)

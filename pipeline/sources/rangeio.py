@@ -182,8 +182,8 @@ class RangeClient:
         self._idle: list[_Protocol] = []
         self.requests = 0
 
-    def _request_bytes(self, headers: dict[str, str]) -> bytes:
-        target = self.url.raw_path_qs or "/"
+    def _request_bytes(self, headers: dict[str, str], path_qs: str | None) -> bytes:
+        target = path_qs or self.url.raw_path_qs or "/"
         host = self.url.raw_host or self.host
         if not self.url.is_default_port():
             host = f"{host}:{self.port}"
@@ -227,8 +227,10 @@ class RangeClient:
                 self._close(proto)
                 raise RangeIOError(f"no data for {self.read_timeout:g} s", proto.got)
 
-    async def get(self, headers: dict[str, str], target: memoryview) -> tuple[Head, int]:
-        """Send a GET; when `accept(head)` (see below) is true, read its body into `target`.
+    async def get(
+        self, headers: dict[str, str], target: memoryview, path_qs: str | None = None
+    ) -> tuple[Head, int]:
+        """GET this origin's URL (or `path_qs` on the same origin, e.g. a freshly presigned one).
 
         Returns (head, bytes received). The body is read only for a 206 whose Content-Length is
         exactly len(target); any other answer is returned with 0 bytes and its connection closed.
@@ -238,7 +240,7 @@ class RangeClient:
         proto = await self._connection()
         ok = False
         try:
-            head_fut = proto.request(self._request_bytes(headers))
+            head_fut = proto.request(self._request_bytes(headers, path_qs))
             self.requests += 1
             await self._wait(proto, head_fut)
             head = parse_head(head_fut.result())
