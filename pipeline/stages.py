@@ -47,7 +47,7 @@ async def sniff_stage(
             eof = True
             break
         held.append(chunk)
-        head += chunk.buf[: min(chunk.length, HEAD_BYTES - len(head))]
+        head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
     size = source.size
     tail: bytes | None = None
     if size is not None and size <= len(head):
@@ -65,14 +65,14 @@ async def sniff_stage(
         await outq.put(chunk)
     if tail is None:
         # A sequential source shows its tail only at EOF: keep the last bytes and judge them then.
-        last = bytes(held[-1].buf[max(0, held[-1].length - TAIL_BYTES) : held[-1].length]) if held else b""
+        last = bytes(held[-1].view(max(0, held[-1].length - TAIL_BYTES))) if held else b""
         total = sum(c.length for c in held)
         async for chunk in inq:
             total += chunk.length
             if chunk.length >= TAIL_BYTES:
-                last = bytes(chunk.buf[chunk.length - TAIL_BYTES : chunk.length])
+                last = bytes(chunk.view(chunk.length - TAIL_BYTES))
             else:
-                last = (last + bytes(chunk.buf[: chunk.length]))[-TAIL_BYTES:]
+                last = (last + bytes(chunk.view()))[-TAIL_BYTES:]
             await outq.put(chunk)
         sniff.check_tail(last, total)
     else:
@@ -94,7 +94,7 @@ async def raw_decode_stage(
                 f"image is larger than the virtual-size cap of {cap / TiB:g} TiB; "
                 "raise IMGPIPE_MAX_VIRTUAL_SIZE if this is expected"
             )
-        await outq.put(Batch([Extent(offset, chunk.length, chunk, 0)], [chunk]))
+        await outq.put(Batch([Extent(offset, chunk.length, chunk, chunk.base)], [chunk]))
         offset += chunk.length
     stats.virtual_size = offset
     await outq.close()

@@ -98,7 +98,7 @@ class RangedSource(Source):
         return got
 
     async def _fill(self, chunk: Chunk, offset: int, length: int) -> Chunk:
-        view = memoryview(chunk.buf)[:length]
+        view = chunk.space(0, length)
         got = 0
         failures = 0
         try:
@@ -128,7 +128,7 @@ class RangedSource(Source):
     async def read_range(self, offset: int, length: int) -> bytes:
         chunk = Chunk(None, bytearray(length), 0)
         await self._fill(chunk, offset, length)
-        return bytes(chunk.buf)
+        return bytes(chunk.view())
 
     async def produce(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
         assert self.size is not None
@@ -170,7 +170,7 @@ class ChunkFiller:
                 self.cur = await self.pool.chunk()
             c = self.cur
             take = min(len(mv), self.pool.size - c.length)
-            c.buf[c.length : c.length + take] = mv[:take]
+            c.space(c.length, c.length + take)[:] = mv[:take]
             c.length += take
             mv = mv[take:]
             self.total += take

@@ -77,7 +77,7 @@ class FileSource(Source):
         total = 0
         while not eof:
             chunk = await pool.chunk()
-            mv = memoryview(chunk.buf)
+            mv = chunk.space(0, pool.size)
             # readinto may return short counts (pipes); fill the chunk so every chunk but the last is full.
             while chunk.length < pool.size:
                 n = await self._f.readinto(mv[chunk.length :])
@@ -115,7 +115,7 @@ class FileSource(Source):
                 while offset < size and len(window) < FILE_READS_IN_FLIGHT:
                     chunk = await pool.chunk()
                     n = min(pool.size, size - offset)
-                    view = memoryview(chunk.buf)[:n]
+                    view = chunk.space(0, n)
                     window.append(
                         (chunk, asyncio.ensure_future(asyncio.to_thread(_pread_full, fd, view, offset)))
                     )

@@ -127,7 +127,7 @@ class HttpSource(RangedSource):
                 n = len(piece)
                 if got + n > length:
                     raise SourceError(f"{self.spec}: server sent more than the first range it announced")
-                chunk.buf[got : got + n] = piece
+                chunk.space(got, got + n)[:] = piece
                 got += n
         except _NETWORK_ERRORS:
             pass  # resumed below from the last byte received
@@ -138,7 +138,7 @@ class HttpSource(RangedSource):
         if got < length:
             # Finish the first range with the same resuming logic as every other range.
             rest = await self.read_range(got, length - got)
-            chunk.buf[got:length] = rest
+            chunk.space(got, length)[:] = rest
             chunk.length = length
         return chunk
 
