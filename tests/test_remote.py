@@ -1,33 +1,26 @@
 """HTTP(S) and S3 sources and the S3 sink, against real servers on loopback.
 
-moto runs as its own process so the real aiobotocore HTTP stack is exercised; faults are injected
-by a proxy in front of it and by the HTTP test server, never by patching the code under test.
+Every S3 test runs against two stores (the `store` fixture of conftest.py): moto's server, as its own
+process so the real aiobotocore HTTP stack is exercised, and Ceph RADOS Gateway, the object store the
+operators of this product run. Faults are injected by a proxy in front of either store and by the HTTP
+test server, never by patching the code under test.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
-from servers import MotoServer, RangeHTTPServer, S3FaultProxy
+from servers import RangeHTTPServer, S3FaultProxy, S3Store
 
 from tests.helpers import MiB, error_line, imgpipe, make_raw, qemu_check, qemu_compare, summary_of
 
 
-@pytest.fixture(scope="session")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as m:
-        yield m
-
-
 @pytest.fixture
-def s3proxy(moto: MotoServer) -> Iterator[S3FaultProxy]:
-    with S3FaultProxy(moto) as p:
+def s3proxy(store: S3Store) -> Iterator[S3FaultProxy]:
+    with S3FaultProxy(store) as p:
         yield p
 
 
@@ -39,42 +32,24 @@ def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
         yield s
 
 
-def _client(env: dict[str, str]) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-
-
-@pytest.fixture
-def bucket(moto: MotoServer) -> str:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    _client(moto.env({})).create_bucket(Bucket=name)
-    return name
-
-
-def _env(server: MotoServer | S3FaultProxy, **extra: str) -> dict[str, str]:
+def _env(server: S3Store | S3FaultProxy, **extra: str) -> dict[str, str]:
     env = server.env({})
     env.update(extra)
     return env
 
 
-def _download(moto: MotoServer, bucket: str, key: str, path: Path) -> Path:
-    _client(moto.env({})).download_file(bucket, key, str(path))
+def _download(store: S3Store, bucket: str, key: str, path: Path) -> Path:
+    store.client().download_file(bucket, key, str(path))
     return path
 
 
-def _no_uploads_left(moto: MotoServer, bucket: str) -> None:
-    c = _client(moto.env({}))
-    assert c.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+def _no_uploads_left(store: S3Store, bucket: str) -> None:
+    """Asked of the store itself (ListMultipartUploads), not of our own bookkeeping."""
+    assert store.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def _no_object(moto: MotoServer, bucket: str, key: str) -> None:
-    c = _client(moto.env({}))
-    keys = [o["Key"] for o in c.list_objects_v2(Bucket=bucket).get("Contents", [])]
+def _no_object(store: S3Store, bucket: str, key: str) -> None:
+    keys = [o["Key"] for o in store.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert key not in keys
 
 
@@ -156,14 +131,14 @@ def test_http_404_is_exit_1(tmp_path: Path, http: RangeHTTPServer) -> None:
 
 
 def test_http_to_s3_multipart_header_part_last(
-    tmp_path: Path, http: RangeHTTPServer, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, http: RangeHTTPServer, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     src = tmp_path / "www" / "disk.raw"
     src.write_bytes(os.urandom(23 * MiB) + bytes(9 * MiB) + os.urandom(MiB + 5))
     s = summary_of(
         imgpipe("convert", http.url("/disk.raw"), f"s3://{bucket}/out.qcow2", "--json", env=_env(s3proxy))
     )
-    out = _download(moto, bucket, "out.qcow2", tmp_path / "out.qcow2")
+    out = _download(store, bucket, "out.qcow2", tmp_path / "out.qcow2")
     qemu_check(out)
     qemu_compare(src, out)
     assert s["output_size"] == out.stat().st_size
@@ -171,43 +146,40 @@ def test_http_to_s3_multipart_header_part_last(
     assert len(parts) >= 3
     assert parts[-1] == 1, f"part 1 (the header) must be uploaded last: {parts}"
     assert s3proxy.completed_part_numbers() == sorted(parts)
-    _no_uploads_left(moto, bucket)
+    _no_uploads_left(store, bucket)
 
 
-def test_s3_to_s3(tmp_path: Path, moto: MotoServer, bucket: str) -> None:
+def test_s3_to_s3(tmp_path: Path, store: S3Store, bucket: str) -> None:
     src = make_raw(tmp_path / "disk.raw", 17 * MiB + 1000, seed=21)
-    _client(moto.env({})).upload_file(str(src), bucket, "in/disk.raw")
-    s = summary_of(
-        imgpipe(
-            "convert", f"s3://{bucket}/in/disk.raw", f"s3://{bucket}/out/disk.qcow2", "--json", env=_env(moto)
-        )
-    )
-    out = _download(moto, bucket, "out/disk.qcow2", tmp_path / "o.qcow2")
+    store.client().upload_file(str(src), bucket, "in/disk.raw")
+    src_url, dst_url = f"s3://{bucket}/in/disk.raw", f"s3://{bucket}/out/disk.qcow2"
+    s = summary_of(imgpipe("convert", src_url, dst_url, "--json", env=_env(store)))
+    out = _download(store, bucket, "out/disk.qcow2", tmp_path / "o.qcow2")
     qemu_check(out)
     qemu_compare(src, out)
     assert s["source_requests"] >= 5  # HEAD, tail, ranged GETs
 
 
 def test_small_output_is_a_single_put(
-    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     src = make_raw(tmp_path / "disk.raw", 2 * MiB + 17, seed=22)
     summary_of(imgpipe("convert", str(src), f"s3://{bucket}/small.qcow2", "--json", env=_env(s3proxy)))
     assert s3proxy.upload_part_numbers() == []
     assert [r.operation for r in s3proxy.log].count("PutObject") == 1
-    out = _download(moto, bucket, "small.qcow2", tmp_path / "o.qcow2")
+    out = _download(store, bucket, "small.qcow2", tmp_path / "o.qcow2")
     qemu_check(out)
     qemu_compare(src, out)
 
 
-def test_raw_output_to_s3(tmp_path: Path, moto: MotoServer, bucket: str) -> None:
+def test_raw_output_to_s3(tmp_path: Path, store: S3Store, bucket: str) -> None:
     src = make_raw(tmp_path / "disk.raw", 14 * MiB + 3, seed=23, data_fraction=0.01)
-    summary_of(imgpipe("convert", str(src), f"s3://{bucket}/o.raw", "-O", "raw", "--json", env=_env(moto)))
-    assert _download(moto, bucket, "o.raw", tmp_path / "o.raw").read_bytes() == src.read_bytes()
+    summary_of(imgpipe("convert", str(src), f"s3://{bucket}/o.raw", "-O", "raw", "--json", env=_env(store)))
+    assert _download(store, bucket, "o.raw", tmp_path / "o.raw").read_bytes() == src.read_bytes()
 
 
 def test_part_upload_500_then_success(
-    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     src = tmp_path / "disk.raw"
     src.write_bytes(os.urandom(26 * MiB))
@@ -216,23 +188,23 @@ def test_part_upload_500_then_success(
     injected = [r for r in s3proxy.log if r.injected]
     assert len(injected) == 1
     assert injected[0].part_number == 2
-    out = _download(moto, bucket, "o.qcow2", tmp_path / "o.qcow2")
+    out = _download(store, bucket, "o.qcow2", tmp_path / "o.qcow2")
     qemu_check(out)
     qemu_compare(src, out)
-    _no_uploads_left(moto, bucket)
+    _no_uploads_left(store, bucket)
 
 
-def test_slowdown_is_retried(tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str) -> None:
+def test_slowdown_is_retried(tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str) -> None:
     src = tmp_path / "disk.raw"
     src.write_bytes(os.urandom(20 * MiB))
     s3proxy.fail_upload_part(times=2, status=503, code="SlowDown")
     summary_of(imgpipe("convert", str(src), f"s3://{bucket}/o.qcow2", "--json", env=_env(s3proxy)))
     assert len([r for r in s3proxy.log if r.injected]) == 2
-    qemu_compare(src, _download(moto, bucket, "o.qcow2", tmp_path / "o.qcow2"))
+    qemu_compare(src, _download(store, bucket, "o.qcow2", tmp_path / "o.qcow2"))
 
 
 def test_failure_mid_job_leaves_no_object_and_no_upload(
-    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     src = tmp_path / "disk.raw"
     src.write_bytes(os.urandom(30 * MiB))
@@ -241,12 +213,12 @@ def test_failure_mid_job_leaves_no_object_and_no_upload(
     assert p.returncode == 1
     assert "access denied" in error_line(p).lower()
     assert any(r.operation == "AbortMultipartUpload" for r in s3proxy.log)
-    _no_uploads_left(moto, bucket)
-    _no_object(moto, bucket, "o.qcow2")
+    _no_uploads_left(store, bucket)
+    _no_object(store, bucket, "o.qcow2")
 
 
 def test_source_failure_mid_job_aborts_the_upload(
-    tmp_path: Path, http: RangeHTTPServer, moto: MotoServer, bucket: str
+    tmp_path: Path, http: RangeHTTPServer, store: S3Store, bucket: str
 ) -> None:
     src = tmp_path / "www" / "disk.raw"
     src.write_bytes(os.urandom(40 * MiB))
@@ -254,15 +226,15 @@ def test_source_failure_mid_job_aborts_the_upload(
         "convert",
         http.url("/short/disk.raw"),
         f"s3://{bucket}/o.qcow2",
-        env=_env(moto, IMGPIPE_RETRY_BACKOFF="0.01", IMGPIPE_READ_CONCURRENCY="1"),
+        env=_env(store, IMGPIPE_RETRY_BACKOFF="0.01", IMGPIPE_READ_CONCURRENCY="1"),
     )
     assert p.returncode == 1
-    _no_uploads_left(moto, bucket)
-    _no_object(moto, bucket, "o.qcow2")
+    _no_uploads_left(store, bucket)
+    _no_object(store, bucket, "o.qcow2")
 
 
 def test_complete_answering_200_with_error_body(
-    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     src = tmp_path / "disk.raw"
     src.write_bytes(os.urandom(20 * MiB))
@@ -271,15 +243,15 @@ def test_complete_answering_200_with_error_body(
     completes = s3proxy.records("CompleteMultipartUpload")
     assert completes[0].injected
     assert len(completes) >= 2  # the error in the body was seen and the call retried
-    qemu_compare(src, _download(moto, bucket, "o.qcow2", tmp_path / "o.qcow2"))
-    _no_uploads_left(moto, bucket)
+    qemu_compare(src, _download(store, bucket, "o.qcow2", tmp_path / "o.qcow2"))
+    _no_uploads_left(store, bucket)
 
 
 def test_s3_source_replaced_mid_read_is_refused(
-    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     """The object is overwritten after the HEAD, before the first ranged GET: If-Match must catch it."""
-    c = _client(moto.env({}))
+    c = store.client()
     c.put_object(Bucket=bucket, Key="disk.raw", Body=os.urandom(12 * MiB))
     s3proxy.before_first(
         "GetObject", lambda: c.put_object(Bucket=bucket, Key="disk.raw", Body=os.urandom(12 * MiB))
@@ -292,19 +264,19 @@ def test_s3_source_replaced_mid_read_is_refused(
     assert not (tmp_path / "o.qcow2").exists()
 
 
-def test_missing_s3_object_is_exit_1(tmp_path: Path, moto: MotoServer, bucket: str) -> None:
-    p = imgpipe("convert", f"s3://{bucket}/nope.raw", str(tmp_path / "o.qcow2"), env=_env(moto))
+def test_missing_s3_object_is_exit_1(tmp_path: Path, store: S3Store, bucket: str) -> None:
+    p = imgpipe("convert", f"s3://{bucket}/nope.raw", str(tmp_path / "o.qcow2"), env=_env(store))
     assert p.returncode == 1
     assert "no such object" in error_line(p)
 
 
-def test_s3_url_without_key_is_usage_error(tmp_path: Path, moto: MotoServer) -> None:
-    p = imgpipe("convert", "s3://only-bucket", str(tmp_path / "o.qcow2"), env=_env(moto))
+def test_s3_url_without_key_is_usage_error(tmp_path: Path, store: S3Store) -> None:
+    p = imgpipe("convert", "s3://only-bucket", str(tmp_path / "o.qcow2"), env=_env(store))
     assert p.returncode == 2
 
 
 def test_interrupt_aborts_the_upload(
-    tmp_path: Path, moto: MotoServer, s3proxy: S3FaultProxy, bucket: str
+    tmp_path: Path, store: S3Store, s3proxy: S3FaultProxy, bucket: str
 ) -> None:
     """Ctrl-C mid-upload: exit 130, the multipart upload aborted, no object."""
     import signal
@@ -330,5 +302,5 @@ def test_interrupt_aborts_the_upload(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()[-500:]
     assert any(r.operation == "AbortMultipartUpload" for r in s3proxy.log)
-    _no_uploads_left(moto, bucket)
-    _no_object(moto, bucket, "o.qcow2")
+    _no_uploads_left(store, bucket)
+    _no_object(store, bucket, "o.qcow2")
