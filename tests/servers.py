@@ -1036,6 +1036,7 @@ class ProxyRecord:
     injected: bool = False
     body: bytes | None = field(default=None, repr=False)
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # request headers, names lower-cased
+    answered: float = 0.0  # time.monotonic() when the status was known (0 until then)
 
     @property
     def part_number(self) -> int | None:
@@ -1122,6 +1123,8 @@ class S3FaultProxy(_BackgroundAioServer):
         self._delays: dict[int, float] = {}
         self._log: list[ProxyRecord] = []
         self._hooks: dict[str, Callable[[], None]] = {}
+        self._hook_skips: dict[str, int] = {}
+        self._lose_complete = 0
         self._cert_dir: Path | None = None
         self.ca_bundle: str | None = None
         if tls:
@@ -1187,10 +1190,25 @@ class S3FaultProxy(_BackgroundAioServer):
         with self._lock:
             self._faults.append(_Fault("CompleteMultipartUpload", times, 200, code, message))
 
-    def before_first(self, operation: str, hook: Callable[[], None]) -> None:
-        """Call ``hook`` (in a worker thread) once, before forwarding the next ``operation`` request."""
+    def fail_complete(self, times: int = 1, status: int = 404, *, code: str | None = None) -> None:
+        """Answer the next ``times`` CompleteMultipartUpload requests with ``status`` (default 404
+        NoSuchUpload, what a store says to a retried Complete once it has forgotten the upload)."""
+        dflt_code, message = _S3_ERROR_CODES.get(status, ("InternalError", "Injected failure"))
+        with self._lock:
+            self._faults.append(_Fault("CompleteMultipartUpload", times, status, code or dflt_code, message))
+
+    def before_first(self, operation: str, hook: Callable[[], None], *, skip: int = 0) -> None:
+        """Call ``hook`` (in a worker thread) once, before forwarding an ``operation`` request: the next
+        one, or the one after ``skip`` more of them have gone through (e.g. overwrite an object mid-read)."""
         with self._lock:
             self._hooks[operation] = hook
+            self._hook_skips[operation] = skip
+
+    def lose_complete_answer(self, times: int = 1) -> None:
+        """Forward the next ``times`` CompleteMultipartUpload requests, then answer 500 instead of the
+        store's answer: the upload completed, the client does not know (a connection lost at the end)."""
+        with self._lock:
+            self._lose_complete += times
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -1263,6 +1281,7 @@ class S3FaultProxy(_BackgroundAioServer):
         with self._lock:
             rec.status = status
             rec.injected = injected
+            rec.answered = time.monotonic()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = {k: v for k, v in request.query.items()}
@@ -1275,7 +1294,12 @@ class S3FaultProxy(_BackgroundAioServer):
         )
         with self._lock:
             self._log.append(rec)
-            hook = self._hooks.pop(rec.operation, None)
+            hook = None
+            if rec.operation in self._hooks:
+                if self._hook_skips.get(rec.operation, 0) > 0:
+                    self._hook_skips[rec.operation] -= 1
+                else:
+                    hook = self._hooks.pop(rec.operation)
             delay = self._delays.get(rec.part_number or 0, 0.0) if rec.operation == "UploadPart" else 0.0
         if delay:
             await asyncio.sleep(delay)
@@ -1291,6 +1315,10 @@ class S3FaultProxy(_BackgroundAioServer):
             body = await request.read()
             with self._lock:
                 rec.body = body
+                lose = self._lose_complete > 0  # checked before the fault rules: it comes first
+                self._lose_complete -= lose
+            if lose:
+                return await self._forward_then_fail(request, rec, body)
             fault = self._take_fault("CompleteMultipartUpload", None)
         if fault is not None:
             await request.read()  # consume the upload like S3 would before answering
@@ -1301,6 +1329,30 @@ class S3FaultProxy(_BackgroundAioServer):
                 headers={"Content-Type": "application/xml", "x-amz-request-id": uuid.uuid4().hex[:16]},
             )
         return await self._forward(request, rec, body)
+
+    async def _forward_then_fail(
+        self, request: web.Request, rec: ProxyRecord, body: bytes | None
+    ) -> web.StreamResponse:
+        """Relay the request, read the store's whole answer, and send the client a 500 instead."""
+        assert self._session is not None
+        skip = _HOP_BY_HOP | {"expect", "content-length"}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
+        url = URL(self.upstream + request.raw_path, encoded=True)
+        async with self._session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=body if body is not None else await request.read(),
+            allow_redirects=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        ) as upstream:
+            await upstream.read()
+        self._set_status(rec, 500, injected=True)
+        return web.Response(
+            status=500,
+            body=s3_error_xml(*_S3_ERROR_CODES[500]),
+            headers={"Content-Type": "application/xml", "x-amz-request-id": uuid.uuid4().hex[:16]},
+        )
 
     async def _forward(
         self, request: web.Request, rec: ProxyRecord, body: bytes | None
