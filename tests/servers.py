@@ -393,7 +393,7 @@ class CephRGW(S3Store):
         access_key: str | None = None,
         secret_key: str | None = None,
         *,
-        start_timeout: float = 240.0,
+        start_timeout: float = 100.0,
         attempts: int = 2,
     ) -> None:
         self._given = endpoint.rstrip("/") if endpoint else None
