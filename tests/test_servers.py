@@ -312,16 +312,16 @@ def test_huge_sparse_file_offsets(http_root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# MotoServer
+# S3 stores (moto, Ceph RGW) and MotoServer itself
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_moto_env_in_subprocess(moto: MotoServer, tmp_path: Path) -> None:
-    bucket = moto.new_bucket()
-    env = moto.env({**os.environ, "AWS_PROFILE": "leaky", "AWS_SESSION_TOKEN": "leaky"})
+def test_store_env_in_subprocess(store: S3Store, bucket: str) -> None:
+    """The environment a store hands the CLI reaches it with its own keys, and nothing leaks in."""
+    env = store.env({**os.environ, "AWS_PROFILE": "leaky", "AWS_SESSION_TOKEN": "leaky"})
     assert "AWS_PROFILE" not in env
     assert "AWS_SESSION_TOKEN" not in env
-    assert env["AWS_ENDPOINT_URL"] == moto.endpoint
+    assert env["AWS_ENDPOINT_URL"] == store.endpoint
     assert Path(env["AWS_CONFIG_FILE"]).read_bytes() == b""
     assert Path(env["AWS_SHARED_CREDENTIALS_FILE"]).read_bytes() == b""
     code = "import boto3; print(' '.join(b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']))"
