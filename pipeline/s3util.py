@@ -15,20 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
-
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ImgpipeError, SourceChanged, UsageError
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +51,11 @@ class S3Context:
 
     async def client(self) -> Any:
         if self._client is None:
+            # Imported here: botocore and aiohttp take a quarter of a second to import, which a
+            # file-to-file job should not pay.
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+
             s = self.settings
             endpoint = (
                 s.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -90,6 +88,8 @@ class S3Context:
 
 def _user_set(session: Any, option: str, env_var: str) -> bool:
     """Whether the user chose `option` (environment variable or AWS config profile): theirs wins."""
+    from botocore.exceptions import BotoCoreError
+
     if os.environ.get(env_var, "").strip():
         return True
     try:
@@ -106,6 +106,13 @@ def error_code(exc: ClientError) -> tuple[str, int]:
 
 def describe(exc: BaseException, where: str, kind: type[ImgpipeError]) -> ImgpipeError:
     """A one-line error that says what failed and, where it can, what to change."""
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
     if isinstance(exc, ClientError):
         code, status = error_code(exc)
         if code in ("PreconditionFailed", "412") or status == 412:

@@ -12,7 +12,11 @@ Rows (each a median of --runs runs, ours and the peer interleaved; see README_be
   rss-16g     nginx -> S3, 16 GiB virtual image: ours' peak RSS                            <= 200 MiB
   rss-delta   |rss-16g - rss-1g|                                                           <= 16 MiB
   io          bytes ours made the kernel write to local storage during nginx -> S3         == 0
-Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io; or row names.
+  zlib        file -> compressed qcow2: ours --compress zlib vs `qemu-img convert -c`     ratio <= 0.3
+  zstd        the same with zstd vs `qemu-img convert -c -o compression_type=zstd`       ratio <= 0.6
+              (both: output size within 5 % of qemu-img's, ours checked with qemu-img check + compare)
+Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io,
+compress (zlib + zstd); or row names.
 The S3 rows run once per store: moto's server and Ceph RADOS Gateway (ceph-rgw-up.sh; --no-ceph: moto only,
 --no-moto: Ceph only), each row named row/store, e.g. s3-s3/ceph.
 Targets are reported, never asserted: exit status 0 even when one is MISSED; 1 when a row could not be
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -54,6 +59,7 @@ GROUPS: dict[str, list[str]] = {
     "s3": ["http-s3", "s3-s3"],
     "rss": ["rss-1g", "rss-16g", "rss-delta"],
     "io": ["io"],
+    "compress": ["zlib", "zstd"],
 }
 ALL_ROWS = [r for rows in GROUPS.values() for r in rows]
 S3_ROWS = {"http-s3", "s3-s3", "rss-1g", "rss-16g", "rss-delta", "io"}
@@ -366,6 +372,66 @@ def row_file(ctx: Ctx) -> Row:
     interleave(ctx, row, ours, peer, warmup=1)
     if row.ratio is not None:
         row.passed = row.ratio <= 1.5
+    return row
+
+
+COMPRESSED = {
+    # row: (our option, qemu-img's extra options, ratio target)
+    "zlib": ("zlib", [], 0.3),
+    "zstd": ("zstd", ["-o", "compression_type=zstd"], 0.6),
+}
+
+
+def row_compressed(ctx: Ctx, name: str) -> Row:
+    algo, qemu_opts, target = COMPRESSED[name]
+    img = ctx.images.path("img4g")
+    vsize = ctx.images.images["img4g"].virtual_size
+    row = Row(
+        name,
+        f"file -> {algo}-compressed qcow2 (4 GiB raw)",
+        f"ratio <= {target}, size +-5 %",
+        source_bytes=vsize,
+        peer_title=shlex.join(["qemu-img", "convert", "-c", *qemu_opts, "-O", "qcow2"]),
+    )
+    out = ctx.outdir / f"ours-{algo}.qcow2"
+    pout = ctx.outdir / f"peer-{algo}.qcow2"
+    env = ctx.child_env()
+    sizes: dict[str, int] = {}
+
+    def ours(i: int) -> Measure:
+        out.unlink(missing_ok=True)
+        m = ctx.run(
+            [*ctx.ours_cmd(str(img), str(out)), "--compress", algo], env, f"{name} ours {ctx.label(i)}"
+        )
+        if i == 0:
+            row.notes.append(check_local(out, vsize, summary_of(m)))
+            cmp = subprocess.run(["qemu-img", "compare", str(img), str(out)], capture_output=True, text=True)
+            if cmp.returncode != 0:
+                raise RowError(f"qemu-img compare {out.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            sizes["ours"] = out.stat().st_size
+        out.unlink(missing_ok=True)
+        return m
+
+    def peer(i: int) -> Measure:
+        pout.unlink(missing_ok=True)
+        m = ctx.run(
+            ["qemu-img", "convert", "-c", *qemu_opts, "-O", "qcow2", str(img), str(pout)],
+            env,
+            f"{name} peer {ctx.label(i)}",
+        )
+        sizes["peer"] = pout.stat().st_size
+        pout.unlink(missing_ok=True)
+        return m
+
+    interleave(ctx, row, ours, peer)
+    size_ratio = sizes["ours"] / sizes["peer"]
+    row.value = size_ratio
+    row.notes.append(
+        f"output {fmt_bytes(sizes['ours'])} vs qemu-img's {fmt_bytes(sizes['peer'])} "
+        f"({(size_ratio - 1) * 100:+.1f} %); compared identical to the source"
+    )
+    if row.ratio is not None:
+        row.passed = row.ratio <= target and abs(size_ratio - 1) <= 0.05
     return row
 
 
@@ -951,7 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
             warm = ["img4g"] * bool(wanted - {"rss-1g", "rss-16g", "rss-delta"})
             warm += ["img1g"] * ("rss-1g" in wanted) + ["img16g"] * ("rss-16g" in wanted)
             warm_cache([images.path(n) for n in warm])
-            for name, fn in (("file", row_file), ("http", row_http)):
+            local: list[tuple[str, Callable[[Ctx], Row]]] = [("file", row_file), ("http", row_http)]
+            local += [(n, functools.partial(row_compressed, name=n)) for n in COMPRESSED]
+            for name, fn in local:
                 if name in args.row_names:
                     try:
                         row = fn(ctx)
