@@ -286,6 +286,8 @@ def test_interrupt_aborts_the_upload(
 
     src = tmp_path / "disk.raw"
     src.write_bytes(os.urandom(160 * MiB))
+    # Part 3 is held, so the job cannot finish before the signal (160 MiB took 2.5 s under load).
+    s3proxy.delay_upload_part(3, 8.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "IMGPIPE_"))}
     env.update(_env(s3proxy))
     proc = subprocess.Popen(
