@@ -295,6 +295,9 @@ def test_interrupt_aborts_the_upload(
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        # A user's terminal delivers Ctrl-C; a job started in the background (nohup, `cmd &`) inherits
+        # SIGINT ignored, and Python then installs no handler. Start the child as from a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 30
     while not s3proxy.upload_part_numbers() and time.monotonic() < deadline:
