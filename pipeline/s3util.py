@@ -2,6 +2,12 @@
 
 Endpoint, region and credentials come from the standard AWS environment and config files, as every
 AWS tool does (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION, ...); --endpoint-url overrides.
+
+With a custom endpoint (Ceph RGW, MinIO, any S3-compatible store) two defaults change, each only when
+the user has not chosen: path-style addressing, and request checksums "when_required" instead of
+botocore's "when_supported". The latter, over HTTPS, streams every upload as aws-chunked with a CRC32
+trailer and no Content-Length, which Ceph RGW 16.2 refuses (MissingContentLength; measured). Over
+plain HTTP SigV4 signs each body's SHA-256 anyway, and over HTTPS TLS protects it in transit.
 """
 
 from __future__ import annotations
@@ -55,17 +61,21 @@ class S3Context:
                 s.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
             )
             s3cfg: dict[str, Any] = {}
-            # Self-hosted stores (Ceph RGW, MinIO, moto) answer path-style; AWS picks its own default.
+            extra: dict[str, Any] = {}
+            session = get_session()
             if endpoint:
+                # Self-hosted stores (Ceph RGW, MinIO, moto) answer path-style; AWS picks its own default.
                 s3cfg["addressing_style"] = os.environ.get("IMGPIPE_S3_ADDRESSING_STYLE", "path")
+                if not _user_set(session, "request_checksum_calculation", "AWS_REQUEST_CHECKSUM_CALCULATION"):
+                    extra["request_checksum_calculation"] = "when_required"
             config = AioConfig(
                 connect_timeout=s.connect_timeout,
                 read_timeout=s.read_timeout,
                 retries={"mode": "standard", "max_attempts": s.retries + 1},
                 max_pool_connections=max(s.read_concurrency, s.upload_concurrency) + 4,
                 s3=s3cfg or None,
+                **extra,
             )
-            session = get_session()
             self._client = await self._stack.enter_async_context(
                 session.create_client("s3", endpoint_url=endpoint, config=config)
             )
@@ -74,6 +84,18 @@ class S3Context:
     async def aclose(self) -> None:
         self._client = None
         await self._stack.aclose()
+
+
+def _user_set(session: Any, option: str, env_var: str) -> bool:
+    """Whether the user chose `option` (environment variable or AWS config profile): theirs wins."""
+    from botocore.exceptions import BotoCoreError
+
+    if os.environ.get(env_var, "").strip():
+        return True
+    try:
+        return option in session.get_scoped_config()
+    except BotoCoreError:  # e.g. an unknown AWS_PROFILE: creating the client reports it
+        return False
 
 
 def error_code(exc: ClientError) -> tuple[str, int]:

@@ -170,13 +170,16 @@ class _Protocol(asyncio.BufferedProtocol):
 class RangeClient:
     """Keep-alive connections to one origin, each serving one ranged GET at a time."""
 
-    def __init__(self, url: URL, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self, url: URL, connect_timeout: float, read_timeout: float, cafile: str | None = None
+    ) -> None:
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"not an http(s) URL: {url}")
         self.url = url
         self.host = url.host
         self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
+        https = url.scheme == "https"
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context(cafile=cafile) if https else None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: list[_Protocol] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -68,7 +69,9 @@ class S3Source(RangedSource):
             if self._fast is not None:
                 self._fast.close()
             s = self.settings
-            self._fast = RangeClient(url, s.connect_timeout, s.read_timeout)
+            # The CA bundle botocore trusts (a store behind a private CA) must be trusted here too.
+            cafile = os.environ.get("AWS_CA_BUNDLE") or None
+            self._fast = RangeClient(url, s.connect_timeout, s.read_timeout, cafile=cafile)
         headers = {"Range": f"bytes={offset}-{end - 1}", "User-Agent": "imgpipe"}
         if self.etag:
             headers["If-Match"] = self.etag

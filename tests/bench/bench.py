@@ -1,7 +1,7 @@
 """imgpipe benchmark: our converter side by side with the obvious alternative, on loopback servers it starts.
 
     .venv/bin/python tests/bench/bench.py [--rows file,http,s3,rss,io] [--runs 3] [--workdir DIR]
-                                          [--converter CMD] [--ceph] [--json-out P] [--markdown-out P]
+                                          [--converter CMD] [--no-ceph] [--json-out P] [--markdown-out P]
 
 Rows (each a median of --runs runs, ours and the peer interleaved; see README_bench.md beside this file):
   file        file -> local qcow2: ours vs `qemu-img convert -O qcow2`                    ratio <= 1.5
@@ -17,6 +17,8 @@ Rows (each a median of --runs runs, ours and the peer interleaved; see README_be
               (both: output size within 5 % of qemu-img's, ours checked with qemu-img check + compare)
 Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io,
 compress (zlib + zstd); or row names.
+The S3 rows run once per store: moto's server and Ceph RADOS Gateway (ceph-rgw-up.sh; --no-ceph: moto only,
+--no-moto: Ceph only), each row named row/store, e.g. s3-s3/ceph.
 Targets are reported, never asserted: exit status 0 even when one is MISSED; 1 when a row could not be
 measured (a conversion failed or its output is invalid); 2 when the harness itself failed.
 """
@@ -849,10 +851,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--converter-args", default="", help="extra options appended to every conversion of ours")
     ap.add_argument(
         "--ceph",
-        action="store_true",
-        help="also run the S3 rows against Ceph RGW (tools/ceph-rgw-up.sh), besides moto",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the S3 rows on Ceph RGW (ceph-rgw-up.sh) as well as moto (default; --no-ceph: moto only)",
     )
-    ap.add_argument("--no-moto", action="store_true", help="skip moto (with --ceph: Ceph only)")
+    ap.add_argument("--no-moto", action="store_true", help="skip moto (Ceph only)")
     ap.add_argument(
         "--peer-concurrency",
         type=int,
@@ -879,7 +882,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     if args.no_moto and not args.ceph and S3_ROWS & set(args.row_names):
-        ap.error("--no-moto without --ceph leaves the S3 rows without a server")
+        ap.error("--no-moto with --no-ceph leaves the S3 rows without a server")
     return args
 
 
