@@ -4,7 +4,7 @@
                                           [--converter CMD] [--no-ceph] [--json-out P] [--markdown-out P]
 
 Rows (each a median of --runs runs, ours and the peer interleaved; see README_bench.md beside this file):
-  file        file -> local qcow2: ours vs `qemu-img convert -O qcow2`                    ratio <= 1.5
+  file        file -> local qcow2: ours vs `qemu-img convert -O qcow2`     ratio <= 1.5 (core), <= 1.0
   http        nginx -> local qcow2: ours vs `curl -o tmp.raw` then `qemu-img convert`    ratio <= 0.25
   http-s3     nginx -> S3 qcow2: ours vs a plain multipart upload of as many bytes         ratio <= 1.2
   s3-s3       S3 raw -> S3 qcow2: ours vs the same plain upload                            ratio <= 1.2
@@ -343,7 +343,7 @@ def row_file(ctx: Ctx) -> Row:
     row = Row(
         "file",
         "file -> file (4 GiB raw -> qcow2)",
-        "ratio <= 1.5",
+        "ratio <= 1.5; <= 1.0",
         source_bytes=vsize,
         peer_title="qemu-img convert -O qcow2",
     )
@@ -371,7 +371,12 @@ def row_file(ctx: Ctx) -> Row:
 
     interleave(ctx, row, ours, peer, warmup=1)
     if row.ratio is not None:
+        # Two targets: 1.5 from the streaming core's issue, 1.0 from the multi-core one; the row is ok
+        # against the first and the note says where it stands against the second.
         row.passed = row.ratio <= 1.5
+        row.notes.append(
+            f"ratio {row.ratio:.2f}: {'meets' if row.ratio <= 1.0 else 'misses'} the <= 1.0 target"
+        )
     return row
 
 
