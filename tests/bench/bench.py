@@ -573,6 +573,17 @@ def s3_convert_row(
     ctx.ours_runs[(server.name, name)] = om
     if out_size and with_peer:
         row.notes.append(f"peer uploads {fmt_bytes(out_size[0])} (= our output)")
+    if src.startswith("s3://") and with_peer and row.peer is not None:
+        # The floor under this ratio: only reading the source, with the same transfer manager.
+        dl = ctx.outdir / "floor.raw"
+        argv = [sys.executable, str(HERE / "s3tool.py"), "download", src, str(dl)]
+        argv += ["--part-size", str(ctx.args.peer_part_size), "--concurrency", str(ctx.args.peer_concurrency)]
+        m = ctx.run(argv, env, f"{row.name} reference: download of the source alone")
+        dl.unlink(missing_ok=True)
+        row.notes.append(
+            f"reading the {fmt_bytes(info.virtual_size)} source alone (s3tool download) took {m.wall:.2f} s, "
+            f"{m.wall / row.peer.wall:.2f}x the peer: no conversion can go below that ratio here"
+        )
     return row
 
 
