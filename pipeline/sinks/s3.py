@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -65,6 +66,11 @@ class S3Sink(Sink):
         self._free: list[bytearray] = []
         self._uploads: asyncio.TaskGroup | None = None
         self._log = log.get(stage="sink", destination=spec)
+        # Set by a caller before open (the worker): Metadata for the object, and the condition
+        # (IfNoneMatch="*" or IfMatch=ETag) on the request that commits it, so racing writers of one
+        # key cannot both win.
+        self.create_args: dict[str, Any] = {}
+        self.commit_args: dict[str, Any] = {}
 
     async def open(self, reserve: int) -> None:
         await super().open(reserve)
@@ -132,7 +138,10 @@ class S3Sink(Sink):
             client = await self.s3.client()
             try:
                 resp = await client.create_multipart_upload(
-                    Bucket=self.loc.bucket, Key=self.loc.key, ContentType="application/octet-stream"
+                    Bucket=self.loc.bucket,
+                    Key=self.loc.key,
+                    ContentType="application/octet-stream",
+                    **self.create_args,
                 )
             except (ClientError, BotoCoreError) as exc:
                 raise describe(exc, self.spec, SinkError) from None
@@ -190,6 +199,8 @@ class S3Sink(Sink):
                     Key=self.loc.key,
                     Body=body,
                     ContentType="application/octet-stream",
+                    **self.create_args,
+                    **self.commit_args,
                 )
             else:
                 # Ascending part order: AWS rejects anything else (moto and Ceph would not notice).
@@ -199,6 +210,7 @@ class S3Sink(Sink):
                     Key=self.loc.key,
                     UploadId=self.upload_id,
                     MultipartUpload={"Parts": parts},
+                    **self.commit_args,
                 )
                 # botocore turns a 200 carrying <Error> into an exception; a body without ETag is no success.
                 if not resp.get("ETag"):
