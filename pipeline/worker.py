@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -44,10 +45,10 @@ from prometheus_client import (
 )
 
 from pipeline import log
-from pipeline.errors import ImgpipeError, InputRefused, UsageError
+from pipeline.errors import ImgpipeError, InputRefused, SinkError, UsageError
 from pipeline.jobs import InvalidJob, Job, parse_message
 from pipeline.runner import JobHooks, convert
-from pipeline.s3util import S3Context, error_code, parse_s3_url
+from pipeline.s3util import S3Context, S3Url, error_code, parse_s3_url
 from pipeline.settings import Settings
 from pipeline.sources import open_source
 from pipeline.workerconfig import RUNTIME_RESERVE, WorkerConfig
@@ -59,6 +60,10 @@ _META_PREFIX = "imgpipe-"
 
 class ChecksumMismatch(InputRefused):
     """The source's sha256 is not the one the job expects: the wrong bytes, retrying will not help."""
+
+
+class LostRace(SinkError):
+    """Another worker is writing the same output: give way, retry later (and find it done)."""
 
 
 class MemoryBudget:
@@ -319,7 +324,9 @@ class Worker:
 
     async def _apply(self, fate: str, msg: dict[str, Any], receipt: str, receives: int) -> None:
         if fate == "retry":
-            delay = min(self.cfg.retry_delay * 2 ** max(0, receives - 1), self.cfg.retry_delay_max)
+            # Jitter so two workers that collided on one output do not collide again.
+            base = min(self.cfg.retry_delay * 2 ** max(0, receives - 1), self.cfg.retry_delay_max)
+            delay = min(round(base * random.uniform(1.0, 1.5)), self.cfg.retry_delay_max)
             await self._change_visibility(receipt, delay)
             self.log.info("message left for redelivery", delay=delay, receives=receives)
             return
@@ -327,6 +334,7 @@ class Worker:
             await self.sqs.send_message(QueueUrl=self.dlq_url, MessageBody=msg["Body"])
             self.log.info("message moved to the dead-letter queue", queue=self.dlq_url)
         await self.sqs.delete_message(QueueUrl=self.cfg.queue_url, ReceiptHandle=receipt)
+        self.log.info("message deleted", fate=fate)
 
     async def _process(self, msg: dict[str, Any], mid: str, receives: int) -> str:
         try:
@@ -432,6 +440,8 @@ class Worker:
             if hasattr(sink, "create_args"):
                 sink.create_args = {"Metadata": dict(identity)}
                 sink.commit_args = dict(commit)
+                loc = parse_s3_url(job.destination)
+                sink.on_upload_created = lambda client, upload_id: self._claim(loc, client, upload_id)
 
         async def on_chunk(view: memoryview) -> None:
             if len(view) >= _THREAD_HASH_MIN:
@@ -534,6 +544,21 @@ class Worker:
             with contextlib.suppress(ClientError):  # already completed or aborted by its owner
                 await client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=up["UploadId"])
                 self.log.info("aborted a stale multipart upload", upload_id=up["UploadId"])
+
+    async def _claim(self, loc: S3Url, client: Any, upload_id: str) -> None:
+        """Two workers that started one output at once: the later upload yields to the earlier.
+
+        Uploads older than this job were aborted when it started, so another upload at the key is a
+        live rival. ListMultipartUploads orders one key's uploads by initiation (AWS documents it;
+        moto lists in creation order), and each worker lists after creating its own, so the first
+        upload never yields and every later one sees it and does. The conditional commit already
+        keeps a loser from overwriting; this saves its work and gives the same outcome on stores
+        whose condition check is not atomic (moto's is not).
+        """
+        resp = await client.list_multipart_uploads(Bucket=loc.bucket, Prefix=loc.key)
+        first = next((u["UploadId"] for u in resp.get("Uploads", []) if u["Key"] == loc.key), upload_id)
+        if first != upload_id:
+            raise LostRace(f"{loc}: another worker is writing this output; retrying later")
 
     async def _tag(self, dst: str, digest: str) -> None:
         """The digest is known only at the end; metadata is fixed at upload start, so it is a tag."""

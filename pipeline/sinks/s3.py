@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -71,6 +72,8 @@ class S3Sink(Sink):
         # key cannot both win.
         self.create_args: dict[str, Any] = {}
         self.commit_args: dict[str, Any] = {}
+        # Called with (client, upload id) once the multipart upload exists; may raise to give way.
+        self.on_upload_created: Callable[[Any, str], Awaitable[None]] | None = None
 
     async def open(self, reserve: int) -> None:
         await super().open(reserve)
@@ -147,6 +150,8 @@ class S3Sink(Sink):
                 raise describe(exc, self.spec, SinkError) from None
             self.upload_id = str(resp["UploadId"])
             self._log.debug("multipart upload started", upload_id=self.upload_id)
+            if self.on_upload_created is not None:
+                await self.on_upload_created(client, self.upload_id)
         return self.upload_id
 
     async def _start_upload(self, number: int, buf: bytearray, length: int, release: bool) -> None:
