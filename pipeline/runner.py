@@ -51,6 +51,9 @@ class JobHooks:
     on_end: Callable[[], None] | None = None
 
 
+_gc_frozen = False
+
+
 def output_bound(virtual_size: int, settings: Settings) -> int:
     """Largest output a disk of this size can produce: for S3's part-size policy."""
     if settings.output_format == "raw":
@@ -156,8 +159,13 @@ async def convert(
     src: str, dst: str, settings: Settings, job_id: str | None = None, hooks: JobHooks | None = None
 ) -> dict[str, Any]:
     """Convert SRC into DST; return the summary. Raises ImgpipeError subclasses on failure."""
-    # botocore and aiohttp leave a large import-time object graph; keep the collector off it.
-    gc.freeze()
+    # botocore and aiohttp leave a large import-time object graph; keep the collector off it. Once per
+    # process: freezing again in a long-lived worker would make every earlier job's uncollected cyclic
+    # garbage (buffers included) permanent, a leak of tens of MiB per job.
+    global _gc_frozen
+    if not _gc_frozen:
+        gc.freeze()
+        _gc_frozen = True
     stats = JobStats(source=src, destination=dst, output_format=settings.output_format)
     stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
     logger = log.get(job=job_id, source=src, destination=dst)
