@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import gc
 import hashlib
 import json
@@ -613,16 +612,16 @@ class Worker:
         return runner
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
+def _load_libc() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim: Callable[[int], int] = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL("libc.so.6")  # glibc by name: find_library would spawn ldconfig
+        libc.malloc_trim  # noqa: B018 - glibc only; AttributeError elsewhere
+    except (OSError, AttributeError):
         return None
-    return trim
+    return libc
 
 
-_malloc_trim = _load_malloc_trim()
+_libc = _load_libc()
 
 
 async def _release_memory() -> None:
@@ -632,8 +631,8 @@ async def _release_memory() -> None:
     once its mmap threshold has grown), so RSS would follow the busiest moment, not the live budget.
     """
     gc.collect()
-    if _malloc_trim is not None:
-        await asyncio.to_thread(_malloc_trim, 0)
+    if _libc is not None:
+        await asyncio.to_thread(_libc.malloc_trim, 0)
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

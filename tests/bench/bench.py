@@ -922,8 +922,9 @@ def row_soak() -> Row:
         f"{d['jobs_per_second']} jobs/s; job latency p50 {d['job_seconds_p50']} s, "
         f"p95 {d['job_seconds_p95']} s; "
         f"end to end (all sent at once) p50 {d['end_to_end_p50']} s, p95 {d['end_to_end_p95']} s",
-        f"worker RSS after 20 jobs {d['rss_after_warm_mib']} MiB, after {d['jobs']} {d['rss_after_all_mib']} "
-        f"MiB ({d['rss_growth_pct']} %)",
+        f"worker RSS after 20 jobs {d['rss_after_warm_mib']} MiB, after {d['jobs'] // 2} "
+        f"{d['rss_after_half_mib']} MiB, after {d['jobs']} {d['rss_after_all_mib']} MiB "
+        f"(200 vs 20: {d['rss_growth_pct']} %)",
     ]
     return row
 

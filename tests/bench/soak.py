@@ -133,7 +133,11 @@ def run(log: Any = print, jobs: int = JOBS, warm: int = WARM) -> dict[str, Any]:
             rss_warm = [_rss(p.pid) for p in procs]
             log(f"soak: {warm} jobs done; worker RSS {[r // MIB for r in rss_warm]} MiB")
             t1 = time.monotonic()
-            send(warm, jobs)
+            # Half-way sample: a leak grows linearly; a warm-up of caches and allocator flattens out.
+            send(warm, jobs // 2)
+            collect(jobs // 2, 900)
+            rss_half = [_rss(p.pid) for p in procs]
+            send(jobs // 2, jobs)
             collect(jobs, 900)
             t2 = time.monotonic()
             rss_end = [_rss(p.pid) for p in procs]
@@ -175,6 +179,7 @@ def run(log: Any = print, jobs: int = JOBS, warm: int = WARM) -> dict[str, Any]:
             "end_to_end_p50": round(statistics.median(e2e), 3),
             "end_to_end_p95": round(pct(e2e, 0.95), 3),
             "rss_after_warm_mib": [round(r / MIB, 1) for r in rss_warm],
+            "rss_after_half_mib": [round(r / MIB, 1) for r in rss_half],
             "rss_after_all_mib": [round(r / MIB, 1) for r in rss_end],
             "rss_growth_pct": [round(g * 100, 1) for g in growth],
             "jobs_per_worker": sorted(per_worker.values()),
