@@ -472,3 +472,34 @@ def test_worker_refuses_bad_settings_with_a_message(aws: Aws, tmp_path: Path) ->
     )
     assert p.returncode == 2
     assert "did you mean 'concurrency'" in p.stderr.decode()
+
+
+def test_changed_source_is_converted_again_and_same_source_is_not(
+    aws: Aws, workers: Callable[..., WorkerProc], tmp_path: Path
+) -> None:
+    """Identity = source version + options: a new upload of the source replaces the output, a resend
+    of the same job is acknowledged without converting, and other options are a different output."""
+    job = {"source": f"s3://{aws.src}/v.raw", "destination": f"s3://{aws.dst}/v.qcow2"}
+    v1 = make_raw(tmp_path / "v1.raw", 2 * MiB, seed=11)
+    aws.s3.upload_file(str(v1), aws.src, "v.raw")
+    aws.send(job)
+    assert workers("--once").wait(60) == 0
+    aws.send(job)
+    assert workers("--once").wait(60) == 0
+    v2 = make_raw(tmp_path / "v2.raw", 2 * MiB, seed=12)
+    aws.s3.upload_file(str(v2), aws.src, "v.raw")
+    aws.send(job)
+    assert workers("--once").wait(60) == 0
+    aws.send({**job, "options": {"cluster_size": "128K"}})
+    assert workers("--once").wait(60) == 0
+    results = aws.results_until(4, 10)
+    assert [r["outcome"] for r in results] == ["done", "duplicate", "done", "done"]
+    assert results[1]["source_sha256"] == results[0]["source_sha256"]  # from the output's tag
+    assert results[2]["source_sha256"] == hashlib.sha256(v2.read_bytes()).hexdigest()
+    out = aws.fetch("v.qcow2", tmp_path / "out.qcow2")
+    qemu_compare(v2, out, "raw", "qcow2")
+    head = aws.s3.head_object(Bucket=aws.dst, Key="v.qcow2")
+    assert head["Metadata"]["imgpipe-source"] == job["source"]
+    assert head["Metadata"]["imgpipe-options"] == "qcow2;cluster=131072;compat=1.1"
+    tags = aws.s3.get_object_tagging(Bucket=aws.dst, Key="v.qcow2")["TagSet"]
+    assert tags == [{"Key": "imgpipe-sha256", "Value": results[3]["source_sha256"]}]
