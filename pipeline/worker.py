@@ -351,11 +351,10 @@ class Worker:
             self.metrics.jobs.labels("ignored").inc()
             self.log.info("no job in this message (an event no route matches, or not ObjectCreated)")
             return "delete"
-        fate = "delete"
+        fates = set()
         for job in jobs:  # an S3 event may carry several records; done ones are found done on a retry
-            if await self._run_job(job, mid, receives) == "retry":
-                fate = "retry"
-        return fate
+            fates.add(await self._run_job(job, mid, receives))
+        return "retry" if "retry" in fates else "dlq" if "dlq" in fates else "delete"
 
     async def _run_job(self, job: Job, mid: str, receives: int) -> str:
         structlog.contextvars.bind_contextvars(job=job.job_id)
@@ -373,7 +372,7 @@ class Worker:
             result.update(outcome="invalid", error=exc.one_line(), exit_status=2)
             self.metrics.jobs.labels("invalid").inc()
             await self._publish(result, job.results_queue)
-            return "delete"
+            return "dlq"
         held = await self.budget.acquire(settings.memory_budget()["total"])
         self.metrics.memory_reserved.set(self.budget.used)
         self.metrics.in_flight.inc()
@@ -411,7 +410,8 @@ class Worker:
             return fate
         self.metrics.jobs.labels(result["outcome"]).inc()
         await self._publish(result, job.results_queue)
-        return fate
+        # A job that cannot be done as written is kept for inspection; a refused image is not.
+        return "dlq" if result["outcome"] == "invalid" else fate
 
     async def _publish(self, result: dict[str, Any], queue: str | None) -> None:
         self.log.info("job result", **result)

@@ -338,12 +338,20 @@ def test_poison_messages_and_metrics(
             "source_checksum": "sha256:" + "0" * 64,
         }
     )
+    aws.send(
+        {
+            "source": f"{src}/good.raw",
+            "destination": f"s3://{aws.dst}/o",
+            "id": "options",
+            "options": {"cluster_size": 1000},
+        }
+    )
     aws.send({"source": f"{src}/good.raw", "destination": f"s3://{aws.dst}/good", "id": "good"})
     port = free_port()
     w = workers(on=aws, IMGPIPE_METRICS_PORT=str(port))
     w.wait_for(lambda: _get(port, "/readyz")[0] == 200, 30, "/readyz")
     assert _get(port, "/healthz")[0] == 200
-    results = aws.results_until(6, 60)
+    results = aws.results_until(7, 60)
     by = {r.get("job_id", r["message_id"]): r for r in results}
     assert by[bad_json]["outcome"] == "invalid"
     assert "not JSON" in by[bad_json]["error"]
@@ -357,6 +365,8 @@ def test_poison_messages_and_metrics(
     # Missing source: transient, retried with a delay, final after maxReceiveCount receives.
     assert (by["missing"]["outcome"], by["missing"]["receive_count"]) == ("failed", 2)
     assert "no such object" in by["missing"]["error"]
+    assert by["options"]["outcome"] == "invalid"
+    assert "power of two" in by["options"]["error"]
     assert by["good"]["outcome"] == "done"
     qemu_compare(good, aws.fetch("good", tmp_path / "good.qcow2"), "raw", "qcow2")
     retries = [ln for ln in w.events("job failed; will retry") if ln["job_id"] == "missing"]
@@ -368,13 +378,14 @@ def test_poison_messages_and_metrics(
     assert "{this is not json" in dead
     assert any('"version": 2' in b for b in dead)
     assert any("missing.raw" in b for b in dead)
-    assert len(dead) == 3
+    assert any('"cluster_size": 1000' in b for b in dead)
+    assert len(dead) == 4
     assert aws.uploads() == []
     status, text = _get(port, "/metrics")
     assert status == 200
     samples = [ln.rsplit(" ", 1) for ln in text.splitlines() if not ln.startswith("#")]
     values = {name: float(value) for name, value in samples}
-    assert values['imgpipe_jobs_total{outcome="invalid"}'] == 2
+    assert values['imgpipe_jobs_total{outcome="invalid"}'] == 3
     assert values['imgpipe_jobs_total{outcome="refused"}'] == 2
     assert values['imgpipe_jobs_total{outcome="done"}'] == 1
     assert values['imgpipe_jobs_total{outcome="failed"}'] == 1
