@@ -514,3 +514,20 @@ def test_changed_source_is_converted_again_and_same_source_is_not(
     assert head["Metadata"]["imgpipe-options"] == "qcow2;cluster=131072;compat=1.1"
     tags = aws.s3.get_object_tagging(Bucket=aws.dst, Key="v.qcow2")["TagSet"]
     assert tags == [{"Key": "imgpipe-sha256", "Value": results[3]["source_sha256"]}]
+
+
+def test_heartbeat_keeps_a_long_job_from_redelivery(
+    aws: Aws, workers: Callable[..., WorkerProc], tmp_path: Path, http: RangeHTTPServer
+) -> None:
+    """A job longer than the visibility timeout (4 s) is received once: the heartbeat extends it."""
+    raw = _slow_job(aws, http, tmp_path, size=64 * MiB)
+    ws = [workers(), workers()]
+    [result] = aws.results_until(1, 90)
+    for w in ws:
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0, w.tail()
+    assert result["outcome"] == "done"
+    assert result["receive_count"] == 1
+    assert result["seconds"] > 1.5 * 4, "the job was too fast to need a heartbeat; make it slower"
+    assert sum(len(w.events("job started")) for w in ws) == 1
+    qemu_compare(raw, aws.fetch("slow.qcow2", tmp_path / "out.qcow2"), "raw", "qcow2")
