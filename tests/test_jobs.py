@@ -168,3 +168,25 @@ def test_queue_url_required_and_memory_caps_slots() -> None:
         load(None, env={})
     c = load(None, env={"IMGPIPE_QUEUE_URL": Q, "IMGPIPE_MEMORY_LIMIT": "300M"})
     assert c.slots() == (300 * MiB - RUNTIME_RESERVE) // c.job_memory() == 2
+
+
+async def test_memory_budget_makes_a_job_wait_rather_than_exceed() -> None:
+    import asyncio
+
+    from pipeline.worker import MemoryBudget
+
+    budget = MemoryBudget(100)
+    first = await budget.acquire(60)
+    second = asyncio.create_task(budget.acquire(60))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # 60 + 60 > 100: waits
+    assert budget.used == 60
+    budget.release(first)
+    assert await asyncio.wait_for(second, 1) == 60
+    assert budget.used == 60
+    # A job larger than the whole budget runs alone instead of never.
+    huge = asyncio.create_task(budget.acquire(500))
+    await asyncio.sleep(0.05)
+    assert not huge.done()
+    budget.release(60)
+    assert await asyncio.wait_for(huge, 1) == 100

@@ -8,6 +8,7 @@ long poll 1 s) so redelivery happens within a test.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -531,3 +532,23 @@ def test_heartbeat_keeps_a_long_job_from_redelivery(
     assert result["seconds"] > 1.5 * 4, "the job was too fast to need a heartbeat; make it slower"
     assert sum(len(w.events("job started")) for w in ws) == 1
     qemu_compare(raw, aws.fetch("slow.qcow2", tmp_path / "out.qcow2"), "raw", "qcow2")
+
+
+def test_memory_limit_caps_jobs_at_once(aws: Aws, workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    """memory_limit 240M holds one job's budget (72 MiB) beside the runtime: jobs never overlap."""
+    raw = make_raw(tmp_path / "m.raw", 3 * MiB, seed=4)
+    aws.s3.upload_file(str(raw), aws.src, "m.raw")
+    for i in range(4):
+        aws.send({"source": f"s3://{aws.src}/m.raw", "destination": f"s3://{aws.dst}/m{i}", "id": f"m{i}"})
+    w = workers("--once", IMGPIPE_CONCURRENCY="4", IMGPIPE_MEMORY_LIMIT="240M")
+    assert w.wait(60) == 0, w.tail()
+    [capped] = w.events("concurrency capped by memory_limit")
+    assert (capped["concurrency"], capped["capped"]) == (4, 1)
+    spans = sorted(
+        (s["timestamp"], d["timestamp"])
+        for s, d in zip(w.events("job started"), w.events("job done"), strict=True)
+    )
+    assert len(spans) == 4
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end <= start  # ISO timestamps in UTC sort as times
+    assert sorted(r["outcome"] for r in aws.results_until(4, 10)) == ["done"] * 4
