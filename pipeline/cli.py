@@ -51,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--compat", choices=("1.1", "0.10"), default=None, help="qcow2 v3 (1.1, default) or v2 (0.10)"
     )
+    c.add_argument(
+        "--compress",
+        choices=("zlib", "zstd", "none"),
+        default=None,
+        help="store compressed clusters, as qemu-img convert -c (zstd needs --compat 1.1); default none",
+    )
+    c.add_argument(
+        "--compression-level",
+        type=int,
+        metavar="N",
+        help="zlib 1-9 (default 6), zstd 1-19 (default 3): qemu's defaults, for the same output size",
+    )
+    c.add_argument(
+        "--compress-threads", type=int, metavar="N", help="compression threads (default: one per core)"
+    )
     c.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     c.add_argument(
         "--progress", dest="progress", action="store_true", default=None, help="show a progress bar"
@@ -88,6 +103,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         output_format=ns.output_format,
         cluster_size=parse_size(ns.cluster_size, "--cluster-size") if ns.cluster_size else None,
         compat=ns.compat,
+        compress=ns.compress,
+        compression_level=ns.compression_level,
+        compress_threads=ns.compress_threads,
         endpoint_url=ns.endpoint_url,
         progress=ns.progress,
         json_summary=ns.json or None,
@@ -103,10 +121,15 @@ def _human(summary: dict[str, Any]) -> str:
     def mib(n: Any) -> str:
         return f"{int(n) / 2**20:,.1f} MiB"
 
+    packed = (
+        f" ({summary['compressed_clusters']} compressed with {summary['compression']})"
+        if summary.get("compression", "none") != "none"
+        else ""
+    )
     return (
         f"{summary['source_format']} -> {summary['output_format']}: "
         f"virtual size {mib(summary['virtual_size'])}, "
-        f"read {mib(summary['bytes_read'])}, {summary['data_clusters']} data clusters written, "
+        f"read {mib(summary['bytes_read'])}, {summary['data_clusters']} data clusters written{packed}, "
         f"zeros skipped {mib(summary['zero_bytes_skipped'])}, output {mib(summary['output_size'])}, "
         f"{summary['seconds']} s, {summary['mb_per_s']} MB/s"
     )

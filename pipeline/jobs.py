@@ -7,7 +7,8 @@ A job message (schema version 1; only `source` and `destination` are required):
       "source": "s3://uploads/vm1.img",          # the same URL forms as `imgpipe convert`
       "destination": "s3://images/vm1.qcow2",
       "id": "import-4711",                       # bound to every log line; default: the SQS message id
-      "options": {"output_format": "qcow2", "cluster_size": "64K", "compat": "1.1"},
+      "options": {"output_format": "qcow2", "cluster_size": "64K", "compat": "1.1",
+                  "compress": "zstd", "compression_level": 3},
       "source_checksum": "sha256:<64 hex>",      # the job fails (permanently) if the source differs
       "results_queue": "https://sqs.../results"  # default: the worker's results_queue_url
     }
@@ -36,7 +37,7 @@ JOB_KEYS = frozenset(
     {"version", "source", "destination", "id", "options", "source_checksum", "results_queue"}
 )
 # Output options only: a job chooses what it gets, never how much memory the worker spends on it.
-OPTION_KEYS = frozenset({"output_format", "cluster_size", "compat"})
+OPTION_KEYS = frozenset({"output_format", "cluster_size", "compat", "compress", "compression_level"})
 TEMPLATE_FIELDS = frozenset({"bucket", "key", "name", "stem", "relative", "relative_stem"})
 _SHA256_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 
@@ -129,9 +130,12 @@ def check_options(options: Any, where: str) -> dict[str, Any]:
             out["cluster_size"] = parse_size(cs, "cluster_size")
         except ImgpipeError as exc:
             raise InvalidJob(f"{where}: {exc}") from None
-    for name in ("output_format", "compat"):
+    for name in ("output_format", "compat", "compress"):
         if name in out and not isinstance(out[name], str):
             raise InvalidJob(f"{where}: {name} must be a string")
+    level = out.get("compression_level")
+    if level is not None and (not isinstance(level, int) or isinstance(level, bool)):
+        raise InvalidJob(f"{where}: compression_level must be a whole number")
     return out
 
 

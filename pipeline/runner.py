@@ -62,6 +62,8 @@ def output_bound(virtual_size: int, settings: Settings) -> int:
     clusters = -(-virtual_size // cs)
     l2 = -(-clusters // (cs // 8))
     meta = l2 + 8 + -(-(clusters + l2) * 2 // cs) + -(-l2 * 8 // cs)
+    if settings.compress != "none":
+        meta += l2  # padding to a cluster boundary before each L2 table
     return (clusters + meta + 4) * cs
 
 
@@ -168,6 +170,7 @@ async def convert(
         _gc_frozen = True
     stats = JobStats(source=src, destination=dst, output_format=settings.output_format)
     stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
+    stats.compression = settings.compress
     logger = log.get(job=job_id, source=src, destination=dst)
     s3 = S3Context(settings)
     source = open_source(src, settings, s3)  # one S3 client per job serves both ends

@@ -27,6 +27,9 @@ S3_MIN_PART = 5 * MiB
 S3_MAX_PART = 5 * GiB
 S3_MAX_PARTS = 10_000
 
+# algorithm: (lowest level, highest level, default = qemu's)
+COMPRESSION_LEVELS = {"none": (0, 0, 0), "zlib": (1, 9, 6), "zstd": (1, 19, 3)}
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SUFFIX = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
 
@@ -51,6 +54,11 @@ class Settings:
     output_format: str = "qcow2"
     cluster_size: int = 64 * KiB
     compat: str = "1.1"
+    # Compressed clusters: "none", "zlib" (deflate, as qemu-img -c) or "zstd" (compat 1.1 only).
+    # Level None means qemu's own (zlib 6, zstd 3), so outputs match qemu-img's in size.
+    compress: str = "none"
+    compression_level: int | None = None
+    compress_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     # Memory: chunk_size x buffers is the source side of the budget; see memory_budget().
     # 2 MiB chunks measured fastest here (1.4 s vs 2.5 s for 4 MiB on the 4 GiB bench image): the
     # working set stays in cache between the read, the zero test and the write.
@@ -88,6 +96,7 @@ class Settings:
             )
         if self.compat not in ("1.1", "0.10"):
             raise UsageError(f"--compat must be 1.1 (qcow2 v3) or 0.10 (qcow2 v2), not {self.compat!r}")
+        self._validate_compression()
         if (
             self.chunk_size <= 0
             or self.chunk_size % self.cluster_size
@@ -121,6 +130,32 @@ class Settings:
             raise UsageError(f"--log-level must be debug, info, warning or error, not {self.log_level!r}")
         return self
 
+    def _validate_compression(self) -> None:
+        if self.compress not in COMPRESSION_LEVELS:
+            raise UsageError(f"--compress must be zlib, zstd or none, not {self.compress!r}")
+        if self.compress == "none":
+            return
+        if self.output_format != "qcow2":
+            raise UsageError("--compress needs qcow2 output; drop it or use --output-format qcow2")
+        if self.compress == "zstd" and self.compat != "1.1":
+            raise UsageError(
+                "zstd compression needs qcow2 v3 (--compat 1.1); use --compress zlib for --compat 0.10"
+            )
+        lo, hi, _ = COMPRESSION_LEVELS[self.compress]
+        if self.compression_level is not None and not lo <= self.compression_level <= hi:
+            raise UsageError(
+                f"--compression-level for {self.compress} must be {lo} to {hi} (got {self.compression_level})"
+            )
+        if not 1 <= self.compress_threads <= 256:
+            raise UsageError(f"--compress-threads must be 1 to 256 (got {self.compress_threads})")
+
+    @property
+    def level(self) -> int:
+        """The compression level in effect (the algorithm's qemu default when none was given)."""
+        if self.compression_level is not None:
+            return self.compression_level
+        return COMPRESSION_LEVELS[self.compress][2]
+
     def memory_budget(self) -> dict[str, int]:
         """The sum the design promises: every term is a bound, not an estimate."""
         terms = {
@@ -130,6 +165,12 @@ class Settings:
             "qcow2 open L2 table + L1 (per TiB of virtual size at 64K clusters: 16 KiB)": 2
             * self.cluster_size,
         }
+        if self.compress != "none":
+            # Each compression thread holds one chunk's input and its compressed output, and refcounts
+            # are kept per output cluster (2 bytes each: 32 KiB per GiB of output at 64K clusters).
+            terms["compressed output of chunks in flight (2 x compress_threads x chunk_size)"] = (
+                2 * self.compress_threads * self.chunk_size
+            )
         terms["total"] = sum(terms.values())
         return terms
 
@@ -148,9 +189,11 @@ _INT_FIELDS = {
     "part_size": True,
     "upload_concurrency": False,
     "upload_memory": True,
+    "compression_level": False,
+    "compress_threads": False,
 }
 _FLOAT_FIELDS = ("retry_backoff", "connect_timeout", "read_timeout", "cleanup_timeout")
-_STR_FIELDS = ("output_format", "compat", "endpoint_url", "log_level")
+_STR_FIELDS = ("output_format", "compat", "compress", "endpoint_url", "log_level")
 
 
 def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

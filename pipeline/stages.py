@@ -9,6 +9,9 @@ failure the runner's task group cancels them all.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import Chunk
@@ -17,6 +20,7 @@ from pipeline.formats import sniff
 from pipeline.formats.base import Match
 from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
 from pipeline.messages import Batch, Extent, Finish, Writes
+from pipeline.qcow2.compress import make_compressor
 from pipeline.qcow2.writer import Qcow2Writer
 from pipeline.settings import Settings, TiB
 from pipeline.sources.base import Source
@@ -43,7 +47,7 @@ async def sniff_stage(
             eof = True
             break
         held.append(chunk)
-        head += chunk.buf[: min(chunk.length, HEAD_BYTES - len(head))]
+        head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
     size = source.size
     tail: bytes | None = None
     if size is not None and size <= len(head):
@@ -61,14 +65,14 @@ async def sniff_stage(
         await outq.put(chunk)
     if tail is None:
         # A sequential source shows its tail only at EOF: keep the last bytes and judge them then.
-        last = bytes(held[-1].buf[max(0, held[-1].length - TAIL_BYTES) : held[-1].length]) if held else b""
+        last = bytes(held[-1].view(max(0, held[-1].length - TAIL_BYTES))) if held else b""
         total = sum(c.length for c in held)
         async for chunk in inq:
             total += chunk.length
             if chunk.length >= TAIL_BYTES:
-                last = bytes(chunk.buf[chunk.length - TAIL_BYTES : chunk.length])
+                last = bytes(chunk.view(chunk.length - TAIL_BYTES))
             else:
-                last = (last + bytes(chunk.buf[: chunk.length]))[-TAIL_BYTES:]
+                last = (last + bytes(chunk.view()))[-TAIL_BYTES:]
             await outq.put(chunk)
         sniff.check_tail(last, total)
     else:
@@ -90,7 +94,7 @@ async def raw_decode_stage(
                 f"image is larger than the virtual-size cap of {cap / TiB:g} TiB; "
                 "raise IMGPIPE_MAX_VIRTUAL_SIZE if this is expected"
             )
-        await outq.put(Batch([Extent(offset, chunk.length, chunk, 0)], [chunk]))
+        await outq.put(Batch([Extent(offset, chunk.length, chunk, chunk.base)], [chunk]))
         offset += chunk.length
     stats.virtual_size = offset
     await outq.close()
@@ -175,27 +179,114 @@ async def zero_skip_stage(
 async def qcow2_encode_stage(
     inq: ClosableQueue[Batch], outq: ClosableQueue[Writes | Finish], settings: Settings, stats: JobStats
 ) -> None:
-    writer = Qcow2Writer(settings.cluster_size, settings.compat)
-    guest_end = 0
-    async for batch in inq:
-        items: list[bytes | memoryview | int] = []
-        for ext in batch.extents:
-            if ext.chunk is not None:
-                writer.add_data(ext.offset, ext.view(), items)  # type: ignore[arg-type]
+    writer = Qcow2Writer(settings.cluster_size, settings.compat, settings.compress)
+    if settings.compress != "none":
+        guest_end = await _encode_compressed(writer, inq, outq, settings, stats)
+    else:
+        guest_end = 0
+        async for batch in inq:
+            items: list[bytes | memoryview | int] = []
+            for ext in batch.extents:
+                if ext.chunk is not None:
+                    writer.add_data(ext.offset, ext.view(), items)  # type: ignore[arg-type]
+                else:
+                    writer.skip_to(ext.offset + ext.length)
+                guest_end = max(guest_end, ext.offset + ext.length)
+            stats.data_clusters = writer.data_clusters
+            if items:
+                await outq.put(Writes(items, batch.owned))
             else:
-                writer.skip_to(ext.offset + ext.length)
-            guest_end = max(guest_end, ext.offset + ext.length)
-        stats.data_clusters = writer.data_clusters
-        if items:
-            await outq.put(Writes(items, batch.owned))
-        else:
-            batch.release()
+                batch.release()
     vsize = stats.virtual_size or guest_end
     tail = writer.finish(vsize)
     await outq.put(Writes(list(tail.metadata)))
     stats.virtual_size = tail.virtual_size
     await outq.put(Finish(tail.header, tail.virtual_size, tail.output_size))
     await outq.close()
+
+
+Compressed = list[tuple[int, bytes, bool]]  # (guest offset, bytes, compressed?) per data cluster
+
+
+def _compress_runs(
+    compress: Callable[[bytes | memoryview], bytes], cs: int, runs: list[Extent]
+) -> Compressed:
+    """Runs in a worker thread: every data cluster of a batch, compressed where that makes it smaller.
+
+    Plain clusters are copied out, so the batch's chunk goes back to the pool as soon as this returns.
+    """
+    out: Compressed = []
+    for ext in runs:
+        view = ext.view()
+        for p in range(0, len(view), cs):
+            piece: bytes | memoryview = view[p : p + cs]
+            if len(piece) < cs:
+                piece = bytes(piece) + bytes(cs - len(piece))  # qemu inflates to one whole cluster
+            z = compress(piece)
+            if len(z) < cs:
+                out.append((ext.offset + p, z, True))
+            else:
+                out.append((ext.offset + p, bytes(piece), False))
+    return out
+
+
+async def _encode_compressed(
+    writer: Qcow2Writer,
+    inq: ClosableQueue[Batch],
+    outq: ClosableQueue[Writes | Finish],
+    settings: Settings,
+    stats: JobStats,
+) -> int:
+    """Compress batches on a thread pool, several at once, and place the results in stream order."""
+    cs = settings.cluster_size
+    compress = make_compressor(settings.compress, settings.level)
+    loop = asyncio.get_running_loop()
+    pending: deque[tuple[asyncio.Future[Compressed], Batch, int]] = deque()
+    # Two batches per thread keep every thread busy while this task places finished ones.
+    window = 2 * settings.compress_threads
+    guest_end = 0
+
+    async def place() -> None:
+        fut, batch, end = pending.popleft()
+        try:
+            clusters = await fut
+        finally:
+            batch.release()
+        items: list[bytes | memoryview] = []
+        for off, data, compressed in clusters:
+            if compressed:
+                writer.add_compressed(off, data, items)
+            else:
+                writer.add_data(off, memoryview(data), items)
+        writer.skip_to(end)
+        stats.data_clusters = writer.data_clusters
+        stats.compressed_clusters = writer.compressed_clusters
+        if items:
+            await outq.put(Writes(list(items)))
+
+    executor = ThreadPoolExecutor(settings.compress_threads, thread_name_prefix="compress")
+    try:
+        async for batch in inq:
+            runs = [ext for ext in batch.extents if ext.chunk is not None]
+            end = max((e.offset + e.length for e in batch.extents), default=guest_end)
+            guest_end = max(guest_end, end)
+            if not runs:
+                batch.release()
+                if not pending:
+                    writer.skip_to(end)
+                    continue
+            fut = loop.run_in_executor(executor, _compress_runs, compress, cs, runs)
+            pending.append((fut, batch, end))
+            if len(pending) >= window:
+                await place()
+        while pending:
+            await place()
+    finally:
+        # On failure the threads finish the batch in hand and stop; nothing waits for them.
+        executor.shutdown(wait=False, cancel_futures=True)
+        for _, batch, _ in pending:
+            batch.release()
+    return guest_end
 
 
 async def raw_encode_stage(

@@ -18,6 +18,8 @@ class JobStats:
     bytes_read: int = 0
     zero_bytes_skipped: int = 0
     data_clusters: int = 0
+    compression: str = "none"
+    compressed_clusters: int = 0
     virtual_size: int = 0
     output_size: int = 0
     requests: int = 0
@@ -39,6 +41,8 @@ class JobStats:
             "virtual_size": self.virtual_size,
             "bytes_read": self.bytes_read,
             "data_clusters": self.data_clusters,
+            "compression": self.compression,
+            "compressed_clusters": self.compressed_clusters,
             "zero_bytes_skipped": self.zero_bytes_skipped,
             "output_size": self.output_size,
             "source_requests": self.requests,

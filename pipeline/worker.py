@@ -116,7 +116,8 @@ def options_fingerprint(s: Settings) -> str:
     """The output options that change the bytes of the output: part of a job's identity."""
     if s.output_format == "raw":
         return "raw"
-    return f"qcow2;cluster={s.cluster_size};compat={s.compat}"
+    packed = f";compress={s.compress}:{s.level}" if s.compress != "none" else ""
+    return f"qcow2;cluster={s.cluster_size};compat={s.compat}{packed}"
 
 
 def _clean_etag(etag: str | None) -> str:

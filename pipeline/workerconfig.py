@@ -111,6 +111,9 @@ _CONVERT_KEYS = frozenset(
         "output_format",
         "cluster_size",
         "compat",
+        "compress",
+        "compression_level",
+        "compress_threads",
         "chunk_size",
         "buffers",
         "queue_depth",
@@ -206,7 +209,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None, *
             raise _unknown(key, "convert", _CONVERT_KEYS, where)
         # The environment wins over the file: leave a key to from_env when its variable is set.
         if f"IMGPIPE_{key.upper()}" not in env:
-            kind = type(getattr(Settings(), key)) if getattr(Settings(), key) is not None else str
+            default = getattr(Settings(), key)
+            kind = int if key == "compression_level" else str if default is None else type(default)
             convert[key] = _coerce(key, value, kind, f"{where} [convert]")
     routes = []
     raw_routes = doc.get("route", [])

@@ -3,9 +3,13 @@
 Everything here listens on 127.0.0.1 on a port chosen by the kernel and speaks real HTTP over real
 sockets, because the product is mostly exercised as a subprocess (the ``imgpipe`` CLI).
 
+* :class:`S3Store` -- what a test needs from an S3 endpoint (URL, keys, environment, client); two kinds:
 * :class:`MotoServer` -- moto's S3/SQS server in its own process.
+* :class:`CephRGW` -- a real object store: Ceph RADOS Gateway, one already running (endpoint + keys) or one
+  started from nothing by ``ceph-rgw-up.sh`` (``../shared/tools``, else the copy in ``.ci/ceph``).
 * :class:`RangeHTTPServer` -- a static file server with Range/ETag/If-Match support and fault modes.
-* :class:`S3FaultProxy` -- a reverse proxy in front of moto that can inject S3 failures and logs requests.
+* :class:`S3FaultProxy` -- a reverse proxy in front of either store that can inject S3 failures and delays,
+  logs requests, and can serve HTTPS (a self-signed certificate) the way real endpoints are reached.
 
 The two aiohttp based servers run their own event loop in a background (daemon) thread, so they can be
 used both from synchronous tests and from ``pytest-asyncio`` tests (whose loop is a different one).
@@ -23,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,21 +43,26 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import aiohttp
+import boto3
 from aiohttp import web
+from botocore.config import Config
 from multidict import CIMultiDict
 from yarl import URL
 
 __all__ = [
+    "CephRGW",
     "MotoServer",
     "ProxyRecord",
     "RangeHTTPServer",
     "RequestRecord",
     "S3FaultProxy",
+    "S3Store",
     "free_port",
     "s3_error_xml",
 ]
 
 LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1): never relayed; each side does its own framing.
 _HOP_BY_HOP = frozenset(
@@ -96,6 +106,94 @@ def _http_request(
 
 
 # --------------------------------------------------------------------------------------------------------
+# S3 stores
+# --------------------------------------------------------------------------------------------------------
+
+
+class S3Store:
+    """An S3 endpoint the tests run against: moto's server or Ceph RGW, used through the same few calls.
+
+    Subclasses set ``name``, ``access_key``, ``secret_key`` and provide ``endpoint`` and ``config_dir``.
+    """
+
+    name = "s3"
+    REGION = "us-east-1"
+    access_key = ""
+    secret_key = ""
+
+    @property
+    def endpoint(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def config_dir(self) -> Path:
+        raise NotImplementedError
+
+    def env(self, base: Mapping[str, str] | None = None, *, endpoint: str | None = None) -> dict[str, str]:
+        """Environment for a subprocess (or botocore) that must talk to this store.
+
+        ``base`` (typically ``os.environ``) is copied with every ``AWS_*``/``BOTO_*`` variable removed (so
+        e.g. ``AWS_PROFILE`` or ``AWS_SESSION_TOKEN`` cannot leak in), then the test settings are added.
+        With ``base=None`` only the test settings are returned (to ``update()`` another dict with).
+        ``endpoint`` overrides ``AWS_ENDPOINT_URL`` (e.g. an :class:`S3FaultProxy` in front of the store).
+        """
+        out = {k: v for k, v in (base or {}).items() if not k.startswith(("AWS_", "BOTO_"))}
+        no_proxy = ",".join(
+            x for x in (out.get("NO_PROXY") or out.get("no_proxy"), "127.0.0.1", "localhost") if x
+        )
+        out.update(
+            {
+                "AWS_ENDPOINT_URL": endpoint or self.endpoint,
+                "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": self.REGION,
+                "AWS_REGION": self.REGION,
+                "AWS_CONFIG_FILE": str(self.config_dir / "aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(self.config_dir / "aws-credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "NO_PROXY": no_proxy,
+                "no_proxy": no_proxy,
+            }
+        )
+        return out
+
+    def client(self, endpoint: str | None = None, *, verify: str | None = None, **config: Any) -> Any:
+        """A boto3 S3 client for this store (or for a proxy in front of it), path-style addressing."""
+        cfg = Config(s3={"addressing_style": "path"}, **config)
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            verify=verify,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.REGION,
+            config=cfg,
+        )
+
+    def new_bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def remove_bucket(self, bucket: str) -> None:
+        """Abort open multipart uploads, delete every object, delete the bucket (stores are shared)."""
+        c = self.client()
+        for up in c.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            c.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                c.delete_object(Bucket=bucket, Key=obj["Key"])
+        c.delete_bucket(Bucket=bucket)
+
+
+def _empty_aws_config_dir(prefix: str) -> Path:
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    (d / "aws-config").write_bytes(b"")
+    (d / "aws-credentials").write_bytes(b"")
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------
 # moto
 # --------------------------------------------------------------------------------------------------------
 
@@ -120,7 +218,7 @@ main(sys.argv[1:])
 """
 
 
-class MotoServer:
+class MotoServer(S3Store):
     """moto's server (S3, SQS, ... every service moto has) as a separate process on a loopback port.
 
     ``python -m moto.server -H 127.0.0.1 -p PORT`` is the moto 5.x invocation (the ``moto_server`` console
@@ -130,9 +228,11 @@ class MotoServer:
     ``-m moto.server`` command line.
     """
 
+    name = "moto"
     ACCESS_KEY = "testing"
     SECRET_KEY = "testing"
-    REGION = "us-east-1"
+    access_key = ACCESS_KEY
+    secret_key = SECRET_KEY
 
     def __init__(
         self,
@@ -168,9 +268,7 @@ class MotoServer:
     def start(self) -> Self:
         if self._proc is not None:
             return self
-        self._tmpdir = Path(tempfile.mkdtemp(prefix="imgpipe-moto-"))
-        (self._tmpdir / "aws-config").write_bytes(b"")
-        (self._tmpdir / "aws-credentials").write_bytes(b"")
+        self._tmpdir = _empty_aws_config_dir("imgpipe-moto-")
         last_error = ""
         for _ in range(self._attempts):
             port = free_port(self.host)
@@ -260,33 +358,154 @@ class MotoServer:
         if status != 200:
             raise RuntimeError(f"moto reset failed: {status} {body[:200]!r}")
 
-    def env(self, base: Mapping[str, str] | None = None, *, endpoint: str | None = None) -> dict[str, str]:
-        """Environment for a subprocess (or botocore) that must talk to this server.
 
-        ``base`` (typically ``os.environ``) is copied with every ``AWS_*``/``BOTO_*`` variable removed (so
-        e.g. ``AWS_PROFILE`` or ``AWS_SESSION_TOKEN`` cannot leak in), then the test settings are added.
-        With ``base=None`` only the test settings are returned (to ``update()`` another dict with).
-        ``endpoint`` overrides ``AWS_ENDPOINT_URL`` (e.g. an :class:`S3FaultProxy` in front of moto).
-        """
-        out = {k: v for k, v in (base or {}).items() if not k.startswith(("AWS_", "BOTO_"))}
-        no_proxy = ",".join(
-            x for x in (out.get("NO_PROXY") or out.get("no_proxy"), "127.0.0.1", "localhost") if x
-        )
-        out.update(
-            {
-                "AWS_ENDPOINT_URL": endpoint or self.endpoint,
-                "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
-                "AWS_DEFAULT_REGION": self.REGION,
-                "AWS_REGION": self.REGION,
-                "AWS_CONFIG_FILE": str(self.config_dir / "aws-config"),
-                "AWS_SHARED_CREDENTIALS_FILE": str(self.config_dir / "aws-credentials"),
-                "AWS_EC2_METADATA_DISABLED": "true",
-                "NO_PROXY": no_proxy,
-                "no_proxy": no_proxy,
-            }
-        )
-        return out
+# --------------------------------------------------------------------------------------------------------
+# Ceph RADOS Gateway
+# --------------------------------------------------------------------------------------------------------
+
+# ceph-rgw-up.sh / ceph-rgw-down.sh: the shared copy first, else the verbatim copy committed with the repo.
+CEPH_SCRIPT_DIRS = (REPO.parent / "shared" / "tools", REPO / ".ci" / "ceph")
+CEPH_DATA_ROOT = Path("/var/tmp")  # Ceph's data (a sparse 16 GiB OSD file) never goes inside the repository
+
+
+def ceph_script(name: str) -> Path:
+    for d in CEPH_SCRIPT_DIRS:
+        if (d / name).is_file():
+            return d / name
+    raise RuntimeError(f"{name} not found in {' or '.join(str(d) for d in CEPH_SCRIPT_DIRS)}")
+
+
+class CephRGW(S3Store):
+    """Ceph RADOS Gateway: a real object store, as the operators this product serves run it.
+
+    With ``endpoint`` (and keys), an already-running gateway is used and left running. Without, ``start()``
+    runs ``ceph-rgw-up.sh`` (one monitor, one OSD, radosgw on 127.0.0.1, free ports, data in a fresh
+    folder under /var/tmp; it installs Debian's Ceph packages when missing, which needs root) and
+    ``stop()`` runs ``ceph-rgw-down.sh``, which stops the daemons by the PIDs it recorded and removes it.
+    Failing to start raises RuntimeError with the script's last words: a test run never skips it quietly.
+    """
+
+    name = "ceph"
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        *,
+        start_timeout: float = 100.0,
+        attempts: int = 2,
+    ) -> None:
+        self._given = endpoint.rstrip("/") if endpoint else None
+        self.access_key = access_key or ""
+        self.secret_key = secret_key or ""
+        self._endpoint: str | None = None
+        self._start_timeout = start_timeout
+        self._attempts = attempts
+        self._tmpdir: Path | None = None
+        self.data_dir: Path | None = None  # set when this object started the cluster
+        self.start_seconds = 0.0
+
+    @property
+    def endpoint(self) -> str:
+        if self._endpoint is None:
+            raise RuntimeError("CephRGW is not running")
+        return self._endpoint
+
+    @property
+    def config_dir(self) -> Path:
+        if self._tmpdir is None:
+            raise RuntimeError("CephRGW is not running")
+        return self._tmpdir
+
+    def start(self) -> Self:
+        if self._endpoint is not None:
+            return self
+        t0 = time.monotonic()
+        self._tmpdir = _empty_aws_config_dir("imgpipe-ceph-cfg-")
+        try:
+            if self._given is not None:
+                if not (self.access_key and self.secret_key):
+                    raise RuntimeError("a given Ceph endpoint needs its access key and secret key too")
+                self._endpoint = self._given
+            else:
+                self._start_cluster()
+            # One signed request proves endpoint and credentials before any test relies on them.
+            self.client(retries={"mode": "standard", "total_max_attempts": 3}).list_buckets()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def _start_cluster(self) -> None:
+        up = ceph_script("ceph-rgw-up.sh")
+        last = ""
+        for _ in range(self._attempts):  # a free port may be taken between free_port() and the bind
+            CEPH_DATA_ROOT.mkdir(parents=True, exist_ok=True)
+            data_dir = Path(tempfile.mkdtemp(prefix="imgpipe-ceph-", dir=CEPH_DATA_ROOT))
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CEPH_"))}
+            env.update(CEPH_DIR=str(data_dir), RGW_PORT=str(free_port()), MON_PORT=str(free_port()))
+            env.setdefault("DEBIAN_FRONTEND", "noninteractive")
+            self.data_dir = data_dir
+            try:
+                res = subprocess.run(
+                    ["bash", str(up)],
+                    env=env,
+                    cwd=data_dir,
+                    capture_output=True,
+                    text=True,
+                    timeout=self._start_timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                self._down(keep=True)
+                raise RuntimeError(
+                    f"{up} did not finish within {self._start_timeout:.0f} s (logs: {data_dir}/log)"
+                ) from None
+            if res.returncode == 0:
+                exports = dict(re.findall(r"^export (AWS_[A-Z_]+)=(.*)$", res.stdout, re.MULTILINE))
+                self._endpoint = exports["AWS_ENDPOINT_URL"]
+                self.access_key = exports["AWS_ACCESS_KEY_ID"]
+                self.secret_key = exports["AWS_SECRET_ACCESS_KEY"]
+                return
+            last = (res.stderr or res.stdout).strip()[-1500:] + f"\n(logs kept in {data_dir}/log)"
+            self._down(keep=True)  # stops what it started, keeps the logs; a next attempt uses a new folder
+            if "already in use" not in last:
+                break
+        raise RuntimeError(f"Ceph RGW did not start ({up}):\n{last}")
+
+    def _down(self, keep: bool = False) -> None:
+        if self.data_dir is None:
+            return
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CEPH_")}
+        env["CEPH_DIR"] = str(self.data_dir)
+        if keep:
+            env["KEEP"] = "1"
+        with contextlib.suppress(RuntimeError):
+            subprocess.run(
+                ["bash", str(ceph_script("ceph-rgw-down.sh"))],
+                env=env,
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+        self.data_dir = None  # kept folders stay for their logs; nothing of ours runs from them any more
+
+    def stop(self) -> None:
+        self._down()
+        self._endpoint = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -311,13 +530,14 @@ class _BackgroundAioServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._ssl: ssl.SSLContext | None = None  # set by a subclass before start() to serve HTTPS
 
     def _make_app(self) -> web.Application:
         raise NotImplementedError
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://{self.host}:{self.port}"
 
     def url(self, path: str = "/") -> str:
         """Absolute URL of ``path`` on this server (a leading slash is added if missing)."""
@@ -366,7 +586,7 @@ class _BackgroundAioServer:
         runner = web.AppRunner(self._make_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = web.SockSite(runner, sock)
+            site = web.SockSite(runner, sock, ssl_context=self._ssl)
             await site.start()
             self._ready.set()
             await self._stop_event.wait()
@@ -815,6 +1035,8 @@ class ProxyRecord:
     operation: str = ""
     injected: bool = False
     body: bytes | None = field(default=None, repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # request headers, names lower-cased
+    answered: float = 0.0  # time.monotonic() when the status was known (0 until then)
 
     @property
     def part_number(self) -> int | None:
@@ -839,39 +1061,117 @@ class _Fault:
     part_number: int | None = None
 
 
+def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1/localhost that is its own CA (hand it to clients as the CA bundle)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imgpipe test proxy")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
 class S3FaultProxy(_BackgroundAioServer):
-    """Reverse proxy to an S3 endpoint (normally a :class:`MotoServer`) that can inject failures.
+    """Reverse proxy to an S3 endpoint (a :class:`MotoServer` or :class:`CephRGW`) that can inject failures.
 
     Requests are relayed unchanged (method, raw path + query, headers including Host/Authorization/
     x-amz-*, body streamed) and so are responses (status, headers minus hop-by-hop ones, body bytes, no
-    decompression). Point the client's endpoint at :attr:`endpoint`.
+    decompression); SigV4 signatures stay valid because Host is relayed as the client sent it. Point the
+    client's endpoint at :attr:`endpoint`. With ``tls=True`` the proxy serves HTTPS with a self-signed
+    certificate (:attr:`ca_bundle`; :meth:`env` sets ``AWS_CA_BUNDLE``), so clients behave as they do
+    against a real https endpoint (botocore, for one, streams checksummed uploads differently over TLS).
     """
 
     _thread_name = "s3-fault-proxy"
 
-    def __init__(self, upstream: MotoServer | str, *, host: str = LOOPBACK) -> None:
+    def __init__(self, upstream: S3Store | str, *, host: str = LOOPBACK, tls: bool = False) -> None:
         super().__init__(host=host)
-        self._moto = upstream if isinstance(upstream, MotoServer) else None
+        self._store = upstream if isinstance(upstream, S3Store) else None
         self._upstream_arg = upstream
         self._session: aiohttp.ClientSession | None = None
         self._faults: list[_Fault] = []
+        self._delays: dict[int, float] = {}
         self._log: list[ProxyRecord] = []
         self._hooks: dict[str, Callable[[], None]] = {}
+        self._hook_skips: dict[str, int] = {}
+        self._lose_complete = 0
+        self._cert_dir: Path | None = None
+        self.ca_bundle: str | None = None
+        if tls:
+            self._cert_dir = Path(tempfile.mkdtemp(prefix="imgpipe-proxy-tls-"))
+            cert, key = _self_signed_cert(self._cert_dir)
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cert, key)
+            self._ssl = ctx
+            self.ca_bundle = str(cert)
 
     @property
     def upstream(self) -> str:
         up = self._upstream_arg
-        return (up.endpoint if isinstance(up, MotoServer) else up).rstrip("/")
+        return (up.endpoint if isinstance(up, S3Store) else up).rstrip("/")
 
     @property
     def endpoint(self) -> str:
         return self.base_url
 
+    @property
+    def store(self) -> S3Store:
+        if self._store is None:
+            raise RuntimeError("the proxy was constructed with a URL, not an S3Store")
+        return self._store
+
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """Like :meth:`MotoServer.env` but with ``AWS_ENDPOINT_URL`` pointing at this proxy."""
-        if self._moto is None:
-            raise RuntimeError("env() needs the proxy to be constructed with a MotoServer")
-        return self._moto.env(base, endpoint=self.endpoint)
+        """Like :meth:`S3Store.env` but with ``AWS_ENDPOINT_URL`` pointing at this proxy."""
+        env = self.store.env(base, endpoint=self.endpoint)
+        if self.ca_bundle:
+            env["AWS_CA_BUNDLE"] = self.ca_bundle
+        return env
+
+    def client(self, **config: Any) -> Any:
+        """A boto3 client that goes through this proxy."""
+        return self.store.client(endpoint=self.endpoint, verify=self.ca_bundle, **config)
+
+    def stop(self) -> None:
+        super().stop()
+        if self._cert_dir is not None:
+            shutil.rmtree(self._cert_dir, ignore_errors=True)
+            self._cert_dir = None
+
+    def delay_upload_part(self, part_number: int, seconds: float) -> None:
+        """Hold every UploadPart request for ``part_number`` for ``seconds`` before forwarding it, so later
+        parts finish first (the upload order then differs from the part order)."""
+        with self._lock:
+            self._delays[part_number] = seconds
 
     # -- fault rules (test thread) --------------------------------------------------------------------
     def fail_upload_part(
@@ -890,10 +1190,25 @@ class S3FaultProxy(_BackgroundAioServer):
         with self._lock:
             self._faults.append(_Fault("CompleteMultipartUpload", times, 200, code, message))
 
-    def before_first(self, operation: str, hook: Callable[[], None]) -> None:
-        """Call ``hook`` (in a worker thread) once, before forwarding the next ``operation`` request."""
+    def fail_complete(self, times: int = 1, status: int = 404, *, code: str | None = None) -> None:
+        """Answer the next ``times`` CompleteMultipartUpload requests with ``status`` (default 404
+        NoSuchUpload, what a store says to a retried Complete once it has forgotten the upload)."""
+        dflt_code, message = _S3_ERROR_CODES.get(status, ("InternalError", "Injected failure"))
+        with self._lock:
+            self._faults.append(_Fault("CompleteMultipartUpload", times, status, code or dflt_code, message))
+
+    def before_first(self, operation: str, hook: Callable[[], None], *, skip: int = 0) -> None:
+        """Call ``hook`` (in a worker thread) once, before forwarding an ``operation`` request: the next
+        one, or the one after ``skip`` more of them have gone through (e.g. overwrite an object mid-read)."""
         with self._lock:
             self._hooks[operation] = hook
+            self._hook_skips[operation] = skip
+
+    def lose_complete_answer(self, times: int = 1) -> None:
+        """Forward the next ``times`` CompleteMultipartUpload requests, then answer 500 instead of the
+        store's answer: the upload completed, the client does not know (a connection lost at the end)."""
+        with self._lock:
+            self._lose_complete += times
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -908,7 +1223,7 @@ class S3FaultProxy(_BackgroundAioServer):
     @property
     def log(self) -> list[ProxyRecord]:
         with self._lock:
-            return [dataclasses.replace(r, query=dict(r.query)) for r in self._log]
+            return [dataclasses.replace(r, query=dict(r.query), headers=dict(r.headers)) for r in self._log]
 
     def clear_log(self) -> None:
         with self._lock:
@@ -966,15 +1281,28 @@ class S3FaultProxy(_BackgroundAioServer):
         with self._lock:
             rec.status = status
             rec.injected = injected
+            rec.answered = time.monotonic()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = {k: v for k, v in request.query.items()}
         rec = ProxyRecord(
-            request.method, request.path, query, operation=_s3_operation(request.method, request.path, query)
+            request.method,
+            request.path,
+            query,
+            operation=_s3_operation(request.method, request.path, query),
+            headers={k.lower(): v for k, v in request.headers.items()},
         )
         with self._lock:
             self._log.append(rec)
-            hook = self._hooks.pop(rec.operation, None)
+            hook = None
+            if rec.operation in self._hooks:
+                if self._hook_skips.get(rec.operation, 0) > 0:
+                    self._hook_skips[rec.operation] -= 1
+                else:
+                    hook = self._hooks.pop(rec.operation)
+            delay = self._delays.get(rec.part_number or 0, 0.0) if rec.operation == "UploadPart" else 0.0
+        if delay:
+            await asyncio.sleep(delay)
         if hook is not None:
             # Runs before forwarding, once: e.g. replace the object the request is about to read.
             await asyncio.to_thread(hook)
@@ -987,6 +1315,10 @@ class S3FaultProxy(_BackgroundAioServer):
             body = await request.read()
             with self._lock:
                 rec.body = body
+                lose = self._lose_complete > 0  # checked before the fault rules: it comes first
+                self._lose_complete -= lose
+            if lose:
+                return await self._forward_then_fail(request, rec, body)
             fault = self._take_fault("CompleteMultipartUpload", None)
         if fault is not None:
             await request.read()  # consume the upload like S3 would before answering
@@ -997,6 +1329,30 @@ class S3FaultProxy(_BackgroundAioServer):
                 headers={"Content-Type": "application/xml", "x-amz-request-id": uuid.uuid4().hex[:16]},
             )
         return await self._forward(request, rec, body)
+
+    async def _forward_then_fail(
+        self, request: web.Request, rec: ProxyRecord, body: bytes | None
+    ) -> web.StreamResponse:
+        """Relay the request, read the store's whole answer, and send the client a 500 instead."""
+        assert self._session is not None
+        skip = _HOP_BY_HOP | {"expect", "content-length"}
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
+        url = URL(self.upstream + request.raw_path, encoded=True)
+        async with self._session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=body if body is not None else await request.read(),
+            allow_redirects=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        ) as upstream:
+            await upstream.read()
+        self._set_status(rec, 500, injected=True)
+        return web.Response(
+            status=500,
+            body=s3_error_xml(*_S3_ERROR_CODES[500]),
+            headers={"Content-Type": "application/xml", "x-amz-request-id": uuid.uuid4().hex[:16]},
+        )
 
     async def _forward(
         self, request: web.Request, rec: ProxyRecord, body: bytes | None

@@ -28,7 +28,7 @@ def test_full_job() -> None:
         "source": "https://example.org/x.iso",
         "destination": "s3://c/x.qcow2",
         "id": "import-7",
-        "options": {"cluster_size": "2M", "compat": "0.10", "output_format": "qcow2"},
+        "options": {"cluster_size": "2M", "compat": "0.10", "output_format": "qcow2", "compress": "zlib"},
         "source_checksum": f"sha256:{SHA}",
         "results_queue": "http://127.0.0.1:5000/123/results",
     }
@@ -37,7 +37,7 @@ def test_full_job() -> None:
     assert job.source_sha256 == SHA
     assert job.results_queue == body["results_queue"]
     s = job.settings(Settings())
-    assert (s.cluster_size, s.compat) == (2 * MiB, "0.10")
+    assert (s.cluster_size, s.compat, s.compress) == (2 * MiB, "0.10", "zlib")
 
 
 @pytest.mark.parametrize(
@@ -54,6 +54,7 @@ def test_full_job() -> None:
         ('{"source": "a", "destination": "b", "source_checksum": "md5:00"}', InvalidJob, "sha256"),
         ('{"source": "a", "destination": "b", "options": {"buffers": 99}}', InvalidJob, "buffers"),
         ('{"source": "a", "destination": "b", "options": {"cluster_size": "big"}}', InvalidJob, "size"),
+        ('{"source": "a", "destination": "b", "options": {"compression_level": "9"}}', InvalidJob, "level"),
     ],
 )
 def test_invalid_jobs(body: str, error: type[Exception], match: str) -> None:
@@ -150,6 +151,7 @@ def test_precedence_file_env_flag(tmp_path: Path) -> None:
         ("[worker]\nmemory_limit = '100M'\n", "raise memory_limit to at least"),
         ("[worker]\nwait_time = 30\n", "0 to 20 seconds"),
         ("[convert]\nbuffers = 2\n", "IMGPIPE_BUFFERS"),
+        ('[convert]\ncompress = "lz4"\n', "zlib, zstd or none"),
         ('[[route]]\nbucket = "b"\ndestination = "s3://x/{nme}"\n', "uses \\['nme'\\]"),
         ('[[route]]\nbucket = "b"\ndestination = "s3://x/{name}"\nsufix = ".img"\n', "'suffix'"),
         ('[[route]]\nbucket = "b"\ndestination = "s3://x/{name}"\noptions = {cluster_size = 3}\n', "power"),

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
     REAL_DATA,
+    ROOT,
     MiB,
     error_line,
     imgpipe,
@@ -227,3 +230,44 @@ def test_missing_destination_directory_is_usage_error(tmp_path: Path) -> None:
     p = imgpipe("convert", str(src), str(tmp_path / "no" / "such" / "o.qcow2"))
     assert p.returncode == 2
     assert "does not exist" in error_line(p)
+
+
+def test_sigkill_mid_job_leaves_nothing_beside_the_destination(tmp_path: Path) -> None:
+    """The output is an unnamed file until it is complete: even SIGKILL, which no cleanup code survives,
+    leaves no partial file (a named temporary would stay behind)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "disk.qcow2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "convert", "-", str(dst), "--no-progress"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(os.urandom(4 * MiB))  # data on its way to the destination, the rest never comes
+    proc.stdin.flush()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(
+        "/out/" in os.readlink(f) for f in Path(f"/proc/{proc.pid}/fd").iterdir() if f.is_symlink()
+    ):
+        time.sleep(0.05)
+    assert any("/out/" in os.readlink(f) for f in Path(f"/proc/{proc.pid}/fd").iterdir()), "no output open"
+    proc.kill()
+    proc.wait(10)
+    proc.stdin.close()
+    assert proc.stderr is not None
+    proc.stderr.close()
+    assert list(out_dir.iterdir()) == []
+
+
+def test_output_file_gets_the_umask_mode(tmp_path: Path) -> None:
+    src = make_raw(tmp_path / "d.raw", MiB, seed=4)
+    dst = tmp_path / "d.qcow2"
+    umask = os.umask(0o027)
+    try:
+        summary_of(imgpipe("convert", str(src), str(dst), "--json"))
+    finally:
+        os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o640

@@ -10,19 +10,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import boto3
 import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import MotoServer, RangeHTTPServer, S3FaultProxy
+from servers import MotoServer, RangeHTTPServer, S3FaultProxy, S3Store
 
 SIZE = 1_000_003  # odd on purpose: several 256 KiB chunks and an odd half
 DATA = hashlib.sha256(b"imgpipe").digest() * (SIZE // 32) + b"\x01\x02\x03"
@@ -56,26 +55,26 @@ def moto() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[S3FaultProxy]:
-    with S3FaultProxy(moto) as p:
+def proxy(store: S3Store) -> Iterator[S3FaultProxy]:
+    """The fault proxy in front of each store of the session (moto, Ceph RGW)."""
+    with S3FaultProxy(store) as p:
         yield p
 
 
-def s3_client(endpoint: str, **config: Any) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-        config=Config(**config),
-    )
+@pytest.fixture
+def new_bucket(store: S3Store) -> Iterator[Callable[[Any], str]]:
+    """Create a bucket through a given client (so the proxy logs it); all are removed afterwards."""
+    made: list[str] = []
 
+    def make(client: Any) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        client.create_bucket(Bucket=name)
+        made.append(name)
+        return name
 
-def new_bucket(client: Any) -> str:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    return name
+    yield make
+    for name in made:
+        store.remove_bucket(name)
 
 
 def request(
@@ -313,17 +312,16 @@ def test_huge_sparse_file_offsets(http_root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# MotoServer
+# S3 stores (moto, Ceph RGW) and MotoServer itself
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_moto_env_in_subprocess(moto: MotoServer, tmp_path: Path) -> None:
-    s3 = s3_client(moto.endpoint)
-    bucket = new_bucket(s3)
-    env = moto.env({**os.environ, "AWS_PROFILE": "leaky", "AWS_SESSION_TOKEN": "leaky"})
+def test_store_env_in_subprocess(store: S3Store, bucket: str) -> None:
+    """The environment a store hands the CLI reaches it with its own keys, and nothing leaks in."""
+    env = store.env({**os.environ, "AWS_PROFILE": "leaky", "AWS_SESSION_TOKEN": "leaky"})
     assert "AWS_PROFILE" not in env
     assert "AWS_SESSION_TOKEN" not in env
-    assert env["AWS_ENDPOINT_URL"] == moto.endpoint
+    assert env["AWS_ENDPOINT_URL"] == store.endpoint
     assert Path(env["AWS_CONFIG_FILE"]).read_bytes() == b""
     assert Path(env["AWS_SHARED_CREDENTIALS_FILE"]).read_bytes() == b""
     code = "import boto3; print(' '.join(b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']))"
@@ -334,8 +332,8 @@ def test_moto_env_in_subprocess(moto: MotoServer, tmp_path: Path) -> None:
 
 
 def test_moto_reset(moto: MotoServer) -> None:
-    s3 = s3_client(moto.endpoint)
-    bucket = new_bucket(s3)
+    s3 = moto.client()
+    bucket = moto.new_bucket()
     moto.reset()
     assert bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
@@ -345,9 +343,11 @@ def test_moto_reset(moto: MotoServer) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_proxy_relays_transparently(moto: MotoServer, proxy: S3FaultProxy) -> None:
-    direct = s3_client(moto.endpoint)
-    via = s3_client(proxy.endpoint)
+def test_proxy_relays_transparently(
+    store: S3Store, proxy: S3FaultProxy, new_bucket: Callable[[Any], str]
+) -> None:
+    direct = store.client()
+    via = proxy.client()
     bucket = new_bucket(via)
     body = os.urandom(3 * MIB + 5)
     put = via.put_object(Bucket=bucket, Key="dir/a b+c.img", Body=body, ContentType="application/x-raw")
@@ -394,8 +394,10 @@ def _multipart(client: Any, bucket: str, key: str, parts: list[bytes]) -> dict[s
 PARTS = [b"a" * (5 * MIB), b"b" * (5 * MIB), b"c" * 1000]
 
 
-def test_proxy_upload_part_500_injection_and_log(proxy: S3FaultProxy) -> None:
-    strict = s3_client(proxy.endpoint, retries={"mode": "standard", "total_max_attempts": 1})
+def test_proxy_upload_part_500_injection_and_log(
+    proxy: S3FaultProxy, new_bucket: Callable[[Any], str]
+) -> None:
+    strict = proxy.client(retries={"mode": "standard", "total_max_attempts": 1})
     bucket = new_bucket(strict)
     proxy.fail_upload_part(times=1, status=500, part_number=2)
     upload_id = strict.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
@@ -419,8 +421,10 @@ def test_proxy_upload_part_500_injection_and_log(proxy: S3FaultProxy) -> None:
 
 
 @pytest.mark.parametrize(("status", "code"), [(403, "AccessDenied"), (503, "SlowDown")])
-def test_proxy_upload_part_error_codes(proxy: S3FaultProxy, status: int, code: str) -> None:
-    strict = s3_client(proxy.endpoint, retries={"mode": "standard", "total_max_attempts": 1})
+def test_proxy_upload_part_error_codes(
+    proxy: S3FaultProxy, new_bucket: Callable[[Any], str], status: int, code: str
+) -> None:
+    strict = proxy.client(retries={"mode": "standard", "total_max_attempts": 1})
     bucket = new_bucket(strict)
     proxy.fail_upload_part(status=status)
     upload_id = strict.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
@@ -430,8 +434,8 @@ def test_proxy_upload_part_error_codes(proxy: S3FaultProxy, status: int, code: s
     assert exc_info.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
 
 
-def test_proxy_botocore_retries_absorb_one_500(proxy: S3FaultProxy) -> None:
-    client = s3_client(proxy.endpoint, retries={"mode": "standard", "total_max_attempts": 3})
+def test_proxy_botocore_retries_absorb_one_500(proxy: S3FaultProxy, new_bucket: Callable[[Any], str]) -> None:
+    client = proxy.client(retries={"mode": "standard", "total_max_attempts": 3})
     bucket = new_bucket(client)
     proxy.fail_upload_part(times=1, status=500, part_number=1)
     _multipart(client, bucket, "big", PARTS)
@@ -442,8 +446,8 @@ def test_proxy_botocore_retries_absorb_one_500(proxy: S3FaultProxy) -> None:
     assert proxy.completed_part_numbers() == [1, 2, 3]
 
 
-def test_proxy_complete_200_with_error_body(proxy: S3FaultProxy) -> None:
-    strict = s3_client(proxy.endpoint, retries={"mode": "standard", "total_max_attempts": 1})
+def test_proxy_complete_200_with_error_body(proxy: S3FaultProxy, new_bucket: Callable[[Any], str]) -> None:
+    strict = proxy.client(retries={"mode": "standard", "total_max_attempts": 1})
     bucket = new_bucket(strict)
     proxy.fail_complete_in_body()
     with pytest.raises(ClientError) as exc_info:
@@ -458,7 +462,7 @@ def test_proxy_complete_200_with_error_body(proxy: S3FaultProxy) -> None:
         strict.head_object(Bucket=bucket, Key="k")  # never completed upstream
 
     # With retries, botocore retries the Complete by itself and succeeds.
-    retrying = s3_client(proxy.endpoint, retries={"mode": "standard", "total_max_attempts": 3})
+    retrying = proxy.client(retries={"mode": "standard", "total_max_attempts": 3})
     proxy.fail_complete_in_body()
     _multipart(retrying, bucket, "k2", PARTS[2:])
     assert [(r.status, r.injected) for r in proxy.records("CompleteMultipartUpload")][1:] == [
@@ -468,18 +472,17 @@ def test_proxy_complete_200_with_error_body(proxy: S3FaultProxy) -> None:
 
 
 @pytest.mark.asyncio
-async def test_proxy_with_aiobotocore(proxy: S3FaultProxy) -> None:
+async def test_proxy_with_aiobotocore(store: S3Store, proxy: S3FaultProxy) -> None:
     session = get_session()
+    bucket = store.new_bucket()
     async with session.create_client(
         "s3",
         endpoint_url=proxy.endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
+        aws_access_key_id=store.access_key,
+        aws_secret_access_key=store.secret_key,
+        region_name=store.REGION,
         config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
     ) as client:
-        bucket = f"t-{uuid.uuid4().hex[:12]}"
-        await client.create_bucket(Bucket=bucket)
         upload_id = (await client.create_multipart_upload(Bucket=bucket, Key="k"))["UploadId"]
         proxy.fail_upload_part(status=500)
         with pytest.raises(ClientError):
@@ -496,6 +499,7 @@ async def test_proxy_with_aiobotocore(proxy: S3FaultProxy) -> None:
             assert await stream.read() == b"aabb"
     assert proxy.upload_part_numbers() == [1, 1, 2]
     assert proxy.completed_part_numbers() == [1, 2]
+    store.remove_bucket(bucket)
 
 
 def test_moto_single_server_header(moto: MotoServer) -> None:

@@ -6,17 +6,19 @@ import asyncio
 import dataclasses
 import itertools
 import os
+from pathlib import Path
 
 import pytest
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
-from pipeline.errors import UsageError
+from pipeline.errors import SourceError, UsageError
 from pipeline.messages import Extent
 from pipeline.qcow2.header import Qcow2Header
 from pipeline.runner import output_bound
 from pipeline.settings import GiB, MiB, Settings, TiB, from_env, parse_size
 from pipeline.sinks.s3 import part_size_for, part_size_policy
+from pipeline.sources.file import FileSource
 from pipeline.stages import ZeroSkipper
 
 
@@ -153,3 +155,49 @@ async def test_buffer_pool_bounds_and_reuses() -> None:
     a.release()  # a second release is harmless
     b.release()
     c.release()
+
+
+async def test_buffer_pool_hands_out_the_buffer_released_last() -> None:
+    pool = BufferPool(3, 1024)
+    a, b = await pool.chunk(), await pool.chunk()
+    a_buf, b_buf = a.buf, b.buf
+    a.release()
+    b.release()
+    c = await pool.chunk()
+    assert c.buf is b_buf  # still warm in the CPU cache
+    d = await pool.chunk()
+    assert d.buf is a_buf
+
+
+async def test_file_source_refuses_a_file_that_shrinks_while_read(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.raw"
+    path.write_bytes(os.urandom(MiB))
+    settings = Settings(chunk_size=64 * 1024, buffers=6, read_concurrency=1).validate()
+    source = FileSource(str(path), settings)
+    await source.open()
+    pool = BufferPool(settings.buffers, settings.chunk_size)
+    q: ClosableQueue[Chunk] = ClosableQueue(1)
+    producer = asyncio.create_task(source.produce(pool, q, lambda n: None))
+    first = await q.get()
+    assert first is not None
+    first.release()
+    os.truncate(path, 200 * 1024)
+
+    async def drain() -> None:
+        while (chunk := await q.get()) is not None:
+            chunk.release()
+        await producer
+
+    consumer = asyncio.create_task(drain())
+    with pytest.raises(SourceError, match="changed while read"):
+        await producer
+    consumer.cancel()
+    await source.close()
+
+
+def test_output_bound_covers_incompressible_clusters_with_compression_padding() -> None:
+    s = Settings(compress="zlib").validate()
+    size = 3 * GiB + 12345
+    clusters = -(-size // s.cluster_size)
+    l2_tables = -(-clusters // (s.cluster_size // 8))
+    assert output_bound(size, s) >= (clusters + 2 * l2_tables + 1) * s.cluster_size

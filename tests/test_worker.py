@@ -235,6 +235,8 @@ def test_three_workers_thirty_mixed_jobs(
             fmt = "raw"
         elif i % 5 == 2:
             job["options"] = {"cluster_size": "512K", "compat": "0.10"}
+        elif i % 5 == 3:
+            job["options"] = {"compress": "zstd"}
         expected[f"job-{i}"] = (raw, fmt)
         aws.send(job)
     ws = [workers("--once") for _ in range(3)]

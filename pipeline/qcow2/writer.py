@@ -7,6 +7,11 @@ Every data cluster is written once, where the stream is; its host offset is the 
 refcounts are 1 and the file has no holes, so the refcount structures follow from the final length
 (a small fixed point: the refcount blocks must count themselves). The header, at offset 0, is the
 one thing the sink writes out of order.
+
+With compression, compressed clusters are packed back to back at byte granularity (a cluster's data
+may straddle two host clusters, as qemu allows); plain clusters and L2 tables start on a cluster
+boundary after zero padding. A host cluster's refcount is then the number of compressed clusters that
+touch it, so those are counted as they are placed: 2 bytes per output cluster.
 """
 
 from __future__ import annotations
@@ -14,9 +19,21 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass
+from itertools import repeat
 
 from pipeline.errors import UsageError
-from pipeline.qcow2.header import OFLAG_COPIED, REFCOUNT_ORDER, V2_LENGTH, V3_LENGTH, Qcow2Header
+from pipeline.qcow2.header import (
+    INCOMPAT_COMPRESSION,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    REFCOUNT_ORDER,
+    V2_LENGTH,
+    V3_LENGTH,
+    Qcow2Header,
+)
+
+MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
+COMPRESSION_TYPES = {"none": 0, "zlib": 0, "zstd": 1}
 
 MAX_L1_BYTES = 32 * 1024 * 1024  # qemu refuses larger L1 tables (QCOW_MAX_L1_SIZE)
 
@@ -41,7 +58,7 @@ def check_geometry(virtual_size: int, cluster_size: int) -> None:
 class Tail:
     """What finish() returns: metadata bytes to append, the header for offset 0, the totals."""
 
-    metadata: list[bytes]
+    metadata: list[bytes | memoryview]
     header: bytes
     virtual_size: int
     output_size: int
@@ -54,7 +71,7 @@ class Qcow2Writer:
     returns; nothing here does I/O. Memory: one L2 table plus 8 bytes per L2 table written.
     """
 
-    def __init__(self, cluster_size: int, compat: str = "1.1") -> None:
+    def __init__(self, cluster_size: int, compat: str = "1.1", compress: str = "none") -> None:
         self.cs = cluster_size
         self.bits = cluster_size.bit_length() - 1
         self.version = 3 if compat == "1.1" else 2
@@ -66,11 +83,29 @@ class Qcow2Writer:
         self._l2_used = False
         self.next_guest = 0  # guest offset the next run must start at or after
         self.data_clusters = 0
+        self.compressed_clusters = 0
+        self.compression_type = COMPRESSION_TYPES[compress]
+        if self.compression_type and self.version < 3:
+            raise UsageError("zstd compressed clusters need qcow2 v3 (--compat 1.1)")
+        # Compressed descriptor: host offset in the low `csize_shift` bits, extra sectors above.
+        self.csize_shift = 62 - (self.bits - 8)
+        # Refcount per host cluster, kept only when compressed clusters may share host clusters;
+        # len(self.rc) == host clusters touched so far (ceil(host_end / cs)).
+        self.rc: array[int] | None = array("H", [1]) if compress != "none" else None
+        self._zeros = bytes(cluster_size)
         hdr = V3_LENGTH if self.version == 3 else V2_LENGTH
         assert hdr + 8 <= cluster_size
 
+    def _align(self, out: list[bytes | memoryview]) -> None:
+        """Pad to a cluster boundary (after packed compressed data)."""
+        pad = -self.host_end % self.cs
+        if pad:
+            out.append(memoryview(self._zeros)[:pad])
+            self.host_end += pad
+
     def _switch_table(self, index: int, out: list[bytes | memoryview]) -> None:
         if self._l2_index >= 0 and self._l2_used:
+            self._align(out)
             out.append(self._flush_table())
         self._l2_index = index
         self._l2 = array("Q", bytes(self.cs))
@@ -82,6 +117,8 @@ class Qcow2Writer:
             table.byteswap()  # qcow2 is big-endian
         self.l1[self._l2_index] = self.host_end
         self.host_end += self.cs
+        if self.rc is not None:
+            self.rc.append(1)
         self._l2_used = False
         return table.tobytes()
 
@@ -100,6 +137,8 @@ class Qcow2Writer:
         g = guest_offset // cs
         k = _ceil_div(length, cs)
         pos = 0
+        if self.rc is not None:
+            self._align(out)
         while k:
             t, i = divmod(g, self.l2_entries)
             if t != self._l2_index:
@@ -109,6 +148,8 @@ class Qcow2Writer:
             self._l2[i : i + m] = array("Q", range(h, h + m * cs, cs))
             self._l2_used = True
             self.host_end += m * cs
+            if self.rc is not None:
+                self.rc.extend(repeat(1, m))
             nbytes = min(length - pos, m * cs)
             out.append(data[pos : pos + nbytes])
             if nbytes < m * cs:
@@ -119,6 +160,39 @@ class Qcow2Writer:
         self.data_clusters += _ceil_div(length, cs)
         self.next_guest = guest_offset + _ceil_div(length, cs) * cs
 
+    def add_compressed(self, guest_offset: int, payload: bytes, out: list[bytes | memoryview]) -> None:
+        """Place one cluster's compressed form right after the previous bytes, wherever that is."""
+        cs, rc = self.cs, self.rc
+        assert rc is not None, "the writer was made without compression"
+        if guest_offset % cs:
+            raise ValueError("data runs must start on a cluster boundary")
+        if guest_offset < self.next_guest:
+            raise ValueError("data runs must arrive in ascending guest order")
+        if not 0 < len(payload) < cs:
+            raise ValueError("a compressed cluster must be smaller than a cluster")
+        t, i = divmod(guest_offset // cs, self.l2_entries)
+        if t != self._l2_index:
+            self._switch_table(t, out)
+        start = self.host_end
+        if start % cs and rc[start // cs] >= MAX_REFCOUNT:
+            # 16-bit refcounts: thousands of tiny compressed clusters may not share one host cluster.
+            self._align(out)
+            start = self.host_end
+        end = start + len(payload)
+        extra_sectors = ((end - 1) >> 9) - (start >> 9)
+        self._l2[i] = OFLAG_COMPRESSED | (extra_sectors << self.csize_shift) | start
+        self._l2_used = True
+        first, last = start // cs, (end - 1) // cs
+        if first < len(rc):
+            rc[first] += 1
+            first += 1
+        rc.extend(repeat(1, last + 1 - first))
+        out.append(payload)
+        self.host_end = end
+        self.data_clusters += 1
+        self.compressed_clusters += 1
+        self.next_guest = guest_offset + cs
+
     def skip_to(self, guest_offset: int) -> None:
         """Zero runs allocate nothing; they only move the ordering watermark."""
         self.next_guest = max(self.next_guest, guest_offset)
@@ -128,7 +202,9 @@ class Qcow2Writer:
         # qemu counts whole 512-byte sectors: a ragged size is rounded up, the pad reads as zeros.
         vsize = _ceil_div(virtual_size, 512) * 512
         check_geometry(vsize, cs)
-        metadata: list[bytes] = []
+        metadata: list[bytes | memoryview] = []
+        if self.rc is not None:
+            self._align(metadata)
         if self._l2_used:
             metadata.append(self._flush_table())
         n_l1 = l1_entries(vsize, cs)
@@ -147,10 +223,19 @@ class Qcow2Writer:
         blocks_at = self.host_end
         table_at = blocks_at + blocks * cs
         l1_at = table_at + table * cs
-        one = b"\x00\x01"
-        for b in range(blocks):
-            count = min(per_block, total - b * per_block)
-            metadata.append(one * count + bytes(cs - 2 * count))
+        if self.rc is None:
+            one = b"\x00\x01"
+            for b in range(blocks):
+                count = min(per_block, total - b * per_block)
+                metadata.append(one * count + bytes(cs - 2 * count))
+        else:
+            assert len(self.rc) == used
+            counts = self.rc + array("H", repeat(1, total - used))
+            counts.extend(repeat(0, blocks * per_block - total))
+            if struct.pack("=I", 1) == struct.pack("<I", 1):
+                counts.byteswap()
+            raw = counts.tobytes()
+            metadata.extend(raw[b * cs : (b + 1) * cs] for b in range(blocks))
         rt = array("Q", (blocks_at + b * cs for b in range(blocks)))
         rt.extend([0] * (table * cs // 8 - blocks))
         l1 = array("Q", [0] * (l1_clusters * cs // 8))
@@ -172,6 +257,8 @@ class Qcow2Writer:
             refcount_table_offset=table_at,
             refcount_table_clusters=table,
             header_length=V3_LENGTH if self.version == 3 else V2_LENGTH,
+            incompatible_features=INCOMPAT_COMPRESSION if self.compression_type else 0,
+            compression_type=self.compression_type,
         )
         header.validate()
         return Tail(metadata, header.to_bytes(), vsize, self.host_end)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import tempfile
 
 import aiofiles.os
@@ -18,6 +19,9 @@ from pipeline.sinks.base import Sink
 IOV_MAX = 1024
 WRITES_IN_FLIGHT = 4
 _ZEROS = bytes(1024 * 1024)
+PARTIAL_SUFFIX = ".imgpipe-partial"
+# Unnamed files (Linux O_TMPFILE) are named at the end through /proc/self/fd.
+_CAN_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
 def _pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
@@ -37,6 +41,16 @@ def _pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
     return total
 
 
+def _name_unnamed(fd: int, path: str) -> None:
+    """linkat(AT_SYMLINK_FOLLOW) through /proc/self/fd. A dir fd is passed on purpose: with none,
+    CPython calls plain link(), which links the magic symlink itself and fails with EXDEV."""
+    proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(str(fd), path, src_dir_fd=proc_fd, follow_symlinks=True)
+    finally:
+        os.close(proc_fd)
+
+
 class FileSink(Sink):
     def __init__(self, spec: str, settings: Settings) -> None:
         super().__init__(spec, settings)
@@ -49,17 +63,23 @@ class FileSink(Sink):
         parent = os.path.dirname(self.path)
         if not await aiofiles.os.path.isdir(parent):
             raise UsageError(f"{self.spec}: directory {parent} does not exist")
-        try:
-            # Beside DST so the final rename is atomic (same filesystem).
-            self.fd, self.tmp = tempfile.mkstemp(
-                prefix=f".{os.path.basename(self.path)}.", suffix=".imgpipe-partial", dir=parent
-            )
-        except OSError as exc:
-            raise SinkError(f"{self.spec}: cannot create a file in {parent}: {exc.strerror}") from None
-        # mkstemp makes 0600 files; the output should get the usual umask-derived mode, as cp would give.
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(self.fd, 0o666 & ~umask)
+        mode = 0o666 & ~umask  # the usual umask-derived mode, as cp would give
+        try:
+            # An unnamed file in DST's directory: if the process dies (even by SIGKILL) the kernel frees
+            # it and nothing is left behind. It gets a name only when complete (see _commit).
+            if _CAN_TMPFILE:
+                with contextlib.suppress(OSError):  # filesystems without O_TMPFILE: a named temp file
+                    self.fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY, mode)
+            if self.fd < 0:
+                # Beside DST so the final rename is atomic (same filesystem).
+                self.fd, self.tmp = tempfile.mkstemp(
+                    prefix=f".{os.path.basename(self.path)}.", suffix=PARTIAL_SUFFIX, dir=parent
+                )
+                os.fchmod(self.fd, mode)  # mkstemp makes 0600 files
+        except OSError as exc:
+            raise SinkError(f"{self.spec}: cannot create a file in {parent}: {exc.strerror}") from None
 
     async def run(self, inq: ClosableQueue[Writes | Finish]) -> None:
         # Positional writes need no ordering, so several run at once: measured here, two threads
@@ -106,7 +126,6 @@ class FileSink(Sink):
         item.release()
 
     async def _commit(self, fin: Finish) -> None:
-        assert self.tmp is not None
         fd = self.fd
 
         def finish() -> None:
@@ -118,6 +137,13 @@ class FileSink(Sink):
 
         try:
             await asyncio.to_thread(finish)
+            if self.tmp is None:
+                # Name the unnamed file beside DST, then rename over DST (atomic, replaces an old one).
+                self.tmp = os.path.join(
+                    os.path.dirname(self.path),
+                    f".{os.path.basename(self.path)}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}",
+                )
+                _name_unnamed(fd, self.tmp)
             os.close(fd)
             self.fd = -1
             await aiofiles.os.replace(self.tmp, self.path)

@@ -18,7 +18,7 @@ from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.errors import ImgpipeError, SinkError
 from pipeline.messages import Finish, Writes
-from pipeline.s3util import S3Context, describe, parse_s3_url
+from pipeline.s3util import S3Context, describe, error_code, parse_s3_url
 from pipeline.settings import S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, MiB, Settings
 from pipeline.sinks.base import Sink
 
@@ -53,6 +53,7 @@ class S3Sink(Sink):
         self.s3 = s3
         self.base, self.grows = part_size_policy(settings.part_size, size_hint)
         self.upload_id: str | None = None
+        self._complete_sent = False  # a CompleteMultipartUpload went out (it may have worked unseen)
         self.parts: dict[int, str] = {}
         self.part_log: list[int] = []  # part numbers in the order their uploads finished
         self._part1 = bytearray()
@@ -208,8 +209,10 @@ class S3Sink(Sink):
                     **self.commit_args,
                 )
             else:
-                # Ascending part order: AWS rejects anything else (moto and Ceph would not notice).
+                # Ascending part order whatever the upload order: AWS answers InvalidPartOrder otherwise,
+                # moto assembles in list order and Ceph sorts, so neither would catch the mistake.
                 parts = [{"PartNumber": n, "ETag": self.parts[n]} for n in sorted(self.parts)]
+                self._complete_sent = True
                 resp = await client.complete_multipart_upload(
                     Bucket=self.loc.bucket,
                     Key=self.loc.key,
@@ -217,10 +220,10 @@ class S3Sink(Sink):
                     MultipartUpload={"Parts": parts},
                     **self.commit_args,
                 )
-                # botocore turns a 200 carrying <Error> into an exception; a body without ETag is no success.
-                if not resp.get("ETag"):
-                    raise SinkError(f"{where}: CompleteMultipartUpload answered without an ETag")
+                # botocore turns a 200 carrying <Error> into an exception, so this is a success. Its ETag
+                # is not checked: Ceph RGW 16.2 answers <ETag></ETag>. The HEAD below is the check.
                 self.upload_id = None
+                self._log.debug("multipart upload completed", parts=len(parts), etag=resp.get("ETag"))
             self.committed = True
             head = await client.head_object(Bucket=self.loc.bucket, Key=self.loc.key)
         except ImgpipeError:
@@ -242,12 +245,20 @@ class S3Sink(Sink):
                     Bucket=self.loc.bucket, Key=self.loc.key, UploadId=upload_id
                 )
                 self._log.info("multipart upload aborted", upload_id=upload_id)
-            except (ClientError, BotoCoreError) as exc:
+            except ClientError as exc:
+                if self._complete_sent and error_code(exc)[0] == "NoSuchUpload":
+                    # The CompleteMultipartUpload whose answer was lost did complete: the object exists
+                    # but was never verified, so it goes like any other unverified object.
+                    self.committed = True
+                else:
+                    self._log.warning("could not abort multipart upload", upload_id=upload_id, error=str(exc))
+            except BotoCoreError as exc:
                 self._log.warning("could not abort multipart upload", upload_id=upload_id, error=str(exc))
-        elif self.committed:
+        if self.committed:
             # Completed but failed verification: an unverified object must not stay.
             try:
                 await client.delete_object(Bucket=self.loc.bucket, Key=self.loc.key)
+                self._log.info("unverified object deleted")
             except (ClientError, BotoCoreError) as exc:
                 self._log.warning("could not delete unverified object", error=str(exc))
             self.committed = False

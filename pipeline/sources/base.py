@@ -24,6 +24,8 @@ OnBytes = Callable[[int], None]
 class TransientReadError(Exception):
     """A read that may succeed if retried from where it stopped (dropped connection, 5xx)."""
 
+    received = 0  # body bytes that had landed before the failure
+
 
 class Source(ABC):
     def __init__(self, spec: str, settings: Settings) -> None:
@@ -74,40 +76,59 @@ class RangedSource(Source):
         """Hook: a subclass that already holds the first response body returns it as a chunk."""
         return None
 
+    async def _read_into(self, view: memoryview, offset: int) -> int:
+        """One request for bytes [offset, offset + len(view)) into `view`; returns the bytes that
+        landed. A TransientReadError carries in `.received` how many landed before it."""
+        got = 0
+        length = len(view)
+        try:
+            async with contextlib.aclosing(self._range_pieces(offset, offset + length)) as body:
+                async for piece in body:
+                    n = len(piece)
+                    if got + n > length:
+                        raise SourceError(
+                            f"{self.spec}: server sent more bytes than the range "
+                            f"{offset}-{offset + length - 1} it announced"
+                        )
+                    view[got : got + n] = piece
+                    got += n
+        except TransientReadError as exc:
+            exc.received = got
+            raise
+        return got
+
     async def _fill(self, chunk: Chunk, offset: int, length: int) -> Chunk:
-        buf = chunk.buf
+        view = chunk.space(0, length)
         got = 0
         failures = 0
-        while got < length:
-            try:
-                async with contextlib.aclosing(self._range_pieces(offset + got, offset + length)) as body:
-                    async for piece in body:
-                        n = len(piece)
-                        if got + n > length:
-                            raise SourceError(
-                                f"{self.spec}: server sent more bytes than the range "
-                                f"{offset + got}-{offset + length - 1} it announced"
-                            )
-                        buf[got : got + n] = piece
-                        got += n
-                        self.bytes_fetched += n
-                if got < length:
-                    raise TransientReadError(f"body ended after {got} of {length} bytes")
-            except TransientReadError as exc:
-                failures += 1
-                if failures > self.settings.retries:
-                    raise SourceError(
-                        f"{self.spec}: reading bytes {offset + got}-{offset + length - 1} failed "
-                        f"{failures} times, last: {exc}"
-                    ) from None
-                await asyncio.sleep(self.settings.retry_backoff * 2 ** (failures - 1))
+        try:
+            while got < length:
+                try:
+                    n = await self._read_into(view[got:], offset + got)
+                    got += n
+                    self.bytes_fetched += n
+                    if got < length:
+                        raise TransientReadError(f"body ended after {got} of {length} bytes")
+                except TransientReadError as exc:
+                    got += exc.received
+                    self.bytes_fetched += exc.received
+                    exc.received = 0
+                    failures += 1
+                    if failures > self.settings.retries:
+                        raise SourceError(
+                            f"{self.spec}: reading bytes {offset + got}-{offset + length - 1} failed "
+                            f"{failures} times, last: {exc}"
+                        ) from None
+                    await asyncio.sleep(self.settings.retry_backoff * 2 ** (failures - 1))
+        finally:
+            view.release()
         chunk.length = length
         return chunk
 
     async def read_range(self, offset: int, length: int) -> bytes:
         chunk = Chunk(None, bytearray(length), 0)
         await self._fill(chunk, offset, length)
-        return bytes(chunk.buf)
+        return bytes(chunk.view())
 
     async def produce(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
         assert self.size is not None
@@ -149,7 +170,7 @@ class ChunkFiller:
                 self.cur = await self.pool.chunk()
             c = self.cur
             take = min(len(mv), self.pool.size - c.length)
-            c.buf[c.length : c.length + take] = mv[:take]
+            c.space(c.length, c.length + take)[:] = mv[:take]
             c.length += take
             mv = mv[take:]
             self.total += take

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from email.utils import parsedate_to_datetime
 
 import aiohttp
 from yarl import URL
 
+from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import SourceChanged, SourceError
 from pipeline.settings import Settings
 from pipeline.sources.base import ChunkFiller, OnBytes, RangedSource, TransientReadError, check_same_version
+from pipeline.sources.rangeio import RangeClient, RangeIOError, Unframed
 
+HeaderGet = Callable[[str], str | None]
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _NETWORK_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError)
@@ -29,6 +32,7 @@ class HttpSource(RangedSource):
         self.redirected = False
         self._session: aiohttp.ClientSession | None = None
         self._first: aiohttp.ClientResponse | None = None
+        self._fast: RangeClient | None = None  # ranged bodies straight into chunks (see rangeio)
 
     def _headers(self, start: int | None, end: int | None) -> dict[str, str]:
         # identity: we want the stored bytes, not a transfer-compressed rendition of them.
@@ -105,6 +109,8 @@ class HttpSource(RangedSource):
             self.size = resp.content_length  # None when the server does not say
             self.ranged = False
         self._first = resp
+        if self.ranged and self.size:
+            self._fast = RangeClient(self.url, s.connect_timeout, s.read_timeout)
 
     async def _first_chunk(self, pool: BufferPool) -> Chunk | None:
         resp, self._first = self._first, None
@@ -121,7 +127,7 @@ class HttpSource(RangedSource):
                 n = len(piece)
                 if got + n > length:
                     raise SourceError(f"{self.spec}: server sent more than the first range it announced")
-                chunk.buf[got : got + n] = piece
+                chunk.space(got, got + n)[:] = piece
                 got += n
         except _NETWORK_ERRORS:
             pass  # resumed below from the last byte received
@@ -132,9 +138,60 @@ class HttpSource(RangedSource):
         if got < length:
             # Finish the first range with the same resuming logic as every other range.
             rest = await self.read_range(got, length - got)
-            chunk.buf[got:length] = rest
+            chunk.space(got, length)[:] = rest
             chunk.length = length
         return chunk
+
+    async def _read_into(self, view: memoryview, offset: int) -> int:
+        if self._fast is None:
+            return await super()._read_into(view, offset)
+        end = offset + len(view)
+        try:
+            head, got = await self._fast.get(self._headers(offset, end), view)
+        except RangeIOError as exc:
+            self.requests += 1
+            err = TransientReadError(str(exc))
+            err.received = exc.received
+            raise err from None
+        except Unframed as exc:
+            self.requests += 1
+            self._fast = None  # this server's answers need aiohttp's framing: use it from now on
+            log.get(stage="source").info("ranged reads fall back to aiohttp", reason=str(exc))
+            return await super()._read_into(view, offset)
+        self.requests += 1
+        self._check_range_answer(head.status, head.get, offset, end)
+        if got != len(view):
+            raise SourceError(
+                f"{self.spec}: asked for {len(view)} bytes at {offset}, "
+                f"the answer announced {head.get('content-length')}"
+            )
+        return got
+
+    def _check_range_answer(self, status: int, header: HeaderGet, start: int, end: int) -> None:
+        """What every answer to one of our ranged GETs must be: 206, same version, that range."""
+        if status == 412:
+            raise SourceChanged(
+                f"{self.spec} changed while it was being read (precondition on "
+                f"{'ETag ' + self.etag if self.etag else 'Last-Modified'} failed); "
+                "run the job again to convert one consistent version"
+            )
+        if status in _RETRY_STATUS:
+            raise TransientReadError(f"HTTP {status}")
+        if status != 206:
+            raise SourceError(
+                f"{self.spec}: expected a partial response to a range request, got HTTP {status}"
+            )
+        check_same_version(self.spec, self.etag, header("ETag"))
+        m = _CONTENT_RANGE.match(header("Content-Range") or "")
+        if not m or (int(m.group(1)), int(m.group(2)) + 1) != (start, end):
+            raise SourceError(
+                f"{self.spec}: asked for bytes {start}-{end - 1}, server answered {header('Content-Range')!r}"
+            )
+        if m.group(3) != str(self.size):
+            raise SourceChanged(
+                f"{self.spec} changed size while it was being read ({self.size} -> {m.group(3)}); "
+                "run the job again"
+            )
 
     async def _range_pieces(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         assert self._session is not None
@@ -144,30 +201,7 @@ class HttpSource(RangedSource):
             raise TransientReadError(_describe(exc)) from None
         self.requests += 1
         try:
-            if resp.status == 412:
-                raise SourceChanged(
-                    f"{self.spec} changed while it was being read (precondition on "
-                    f"{'ETag ' + self.etag if self.etag else 'Last-Modified'} failed); "
-                    "run the job again to convert one consistent version"
-                )
-            if resp.status in _RETRY_STATUS:
-                raise TransientReadError(f"HTTP {resp.status}")
-            if resp.status != 206:
-                raise SourceError(
-                    f"{self.spec}: expected a partial response to a range request, got HTTP {resp.status}"
-                )
-            check_same_version(self.spec, self.etag, resp.headers.get("ETag"))
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or (int(m.group(1)), int(m.group(2)) + 1) != (start, end):
-                raise SourceError(
-                    f"{self.spec}: asked for bytes {start}-{end - 1}, "
-                    f"server answered {resp.headers.get('Content-Range')!r}"
-                )
-            if m.group(3) != str(self.size):
-                raise SourceChanged(
-                    f"{self.spec} changed size while it was being read ({self.size} -> {m.group(3)}); "
-                    "run the job again"
-                )
+            self._check_range_answer(resp.status, resp.headers.get, start, end)
             try:
                 async for piece in resp.content.iter_any():
                     yield piece
@@ -200,6 +234,9 @@ class HttpSource(RangedSource):
         await filler.finish()
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
         if self._first is not None:
             self._first.release()
             self._first = None

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
+from yarl import URL
 
+from pipeline import log
 from pipeline.errors import ImgpipeError, SourceError
 from pipeline.s3util import S3Context, describe, error_code, parse_s3_url
 from pipeline.settings import Settings
 from pipeline.sources.base import RangedSource, TransientReadError, check_same_version
+from pipeline.sources.rangeio import RangeClient, RangeIOError, Unframed
 
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientPayloadError,
@@ -29,6 +33,10 @@ class S3Source(RangedSource):
         self.s3 = s3 or S3Context(settings)
         self._own_ctx = s3 is None
         self.version_id: str | None = None
+        # Ranged GETs go out as presigned URLs through the zero-copy client (rangeio); botocore's
+        # own get_object is the fallback for answers that client does not frame.
+        self._fast: RangeClient | None = None
+        self._fast_ok = True
 
     async def open(self) -> None:
         client = await self.s3.client()
@@ -41,6 +49,72 @@ class S3Source(RangedSource):
         self.etag = head.get("ETag")
         self.version_id = head.get("VersionId")
         self.ranged = True
+
+    async def _read_into(self, view: memoryview, offset: int) -> int:
+        if not self._fast_ok:
+            return await super()._read_into(view, offset)
+        client = await self.s3.client()
+        end = offset + len(view)
+        try:
+            # Signed per request (local computation), so expiring credentials are always current.
+            url = URL(
+                await client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.loc.bucket, "Key": self.loc.key}, ExpiresIn=3600
+                ),
+                encoded=True,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise describe(exc, self.spec, SourceError) from None
+        if self._fast is None or (self._fast.host, self._fast.port) != (url.host, url.port):
+            if self._fast is not None:
+                self._fast.close()
+            s = self.settings
+            # The CA bundle botocore trusts (a store behind a private CA) must be trusted here too.
+            cafile = os.environ.get("AWS_CA_BUNDLE") or None
+            self._fast = RangeClient(url, s.connect_timeout, s.read_timeout, cafile=cafile)
+        headers = {"Range": f"bytes={offset}-{end - 1}", "User-Agent": "imgpipe"}
+        if self.etag:
+            headers["If-Match"] = self.etag
+        try:
+            head, got = await self._fast.get(headers, view, url.raw_path_qs)
+        except RangeIOError as exc:
+            self.requests += 1
+            err = TransientReadError(str(exc))
+            err.received = exc.received
+            raise err from None
+        except Unframed as exc:
+            self.requests += 1
+            self._fast_ok = False
+            log.get(stage="source").info("ranged reads fall back to botocore", reason=str(exc))
+            return await super()._read_into(view, offset)
+        self.requests += 1
+        status = head.status
+        if status == 412:
+            raise describe(
+                ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"), self.spec, SourceError
+            )
+        if status >= 500:
+            raise TransientReadError(f"S3 HTTP {status}")
+        if status in (403, 404):
+            code = "AccessDenied" if status == 403 else "NoSuchKey"
+            raise self._as_error(code)
+        if status != 206:
+            raise SourceError(
+                f"{self.spec}: S3 answered a ranged GET with HTTP {status} {head.reason}".rstrip()
+            )
+        check_same_version(self.spec, self.etag, head.get("ETag"))
+        cr = head.get("Content-Range") or ""
+        if not cr.startswith(f"bytes {offset}-{end - 1}/") or got != len(view):
+            raise SourceError(f"{self.spec}: asked for bytes {offset}-{end - 1}, got {cr!r}")
+        if cr.rsplit("/", 1)[-1] != str(self.size):
+            raise describe(
+                ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"), self.spec, SourceError
+            )
+        return got
+
+    def _as_error(self, code: str) -> ImgpipeError:
+        """The same one-line wording botocore's error for `code` gets (see s3util.describe)."""
+        return describe(ClientError({"Error": {"Code": code}}, "GetObject"), self.spec, SourceError)
 
     async def _range_pieces(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         client = await self.s3.client()
@@ -87,5 +161,8 @@ class S3Source(RangedSource):
             body.close()
 
     async def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
         if self._own_ctx:
             await self.s3.aclose()

@@ -1,10 +1,10 @@
 """imgpipe benchmark: our converter side by side with the obvious alternative, on loopback servers it starts.
 
     .venv/bin/python tests/bench/bench.py [--rows file,http,s3,rss,io] [--runs 3] [--workdir DIR]
-                                          [--converter CMD] [--ceph] [--json-out P] [--markdown-out P]
+                                          [--converter CMD] [--no-ceph] [--json-out P] [--markdown-out P]
 
 Rows (each a median of --runs runs, ours and the peer interleaved; see README_bench.md beside this file):
-  file        file -> local qcow2: ours vs `qemu-img convert -O qcow2`                    ratio <= 1.5
+  file        file -> local qcow2: ours vs `qemu-img convert -O qcow2`     ratio <= 1.5 (core), <= 1.0
   http        nginx -> local qcow2: ours vs `curl -o tmp.raw` then `qemu-img convert`    ratio <= 0.25
   http-s3     nginx -> S3 qcow2: ours vs a plain multipart upload of as many bytes         ratio <= 1.2
   s3-s3       S3 raw -> S3 qcow2: ours vs the same plain upload                            ratio <= 1.2
@@ -12,9 +12,15 @@ Rows (each a median of --runs runs, ours and the peer interleaved; see README_be
   rss-16g     nginx -> S3, 16 GiB virtual image: ours' peak RSS                            <= 200 MiB
   rss-delta   |rss-16g - rss-1g|                                                           <= 16 MiB
   io          bytes ours made the kernel write to local storage during nginx -> S3         == 0
+  zlib        file -> compressed qcow2: ours --compress zlib vs `qemu-img convert -c`     ratio <= 0.3
+  zstd        the same with zstd vs `qemu-img convert -c -o compression_type=zstd`       ratio <= 0.6
+              (both: output size within 5 % of qemu-img's, ours checked with qemu-img check + compare)
   soak        200 small jobs through 2 `imgpipe worker` processes (moto S3 + SQS): jobs/s,
               p50/p95 latency; 0 failures and each worker's RSS after 200 within 10 % of after 20
-Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io, soak; or rows.
+Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io,
+compress (zlib + zstd), soak; or row names.
+The S3 rows run once per store: moto's server and Ceph RADOS Gateway (ceph-rgw-up.sh; --no-ceph: moto only,
+--no-moto: Ceph only), each row named row/store, e.g. s3-s3/ceph.
 Targets are reported, never asserted: exit status 0 even when one is MISSED; 1 when a row could not be
 measured (a conversion failed or its output is invalid); 2 when the harness itself failed.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -54,6 +61,7 @@ GROUPS: dict[str, list[str]] = {
     "s3": ["http-s3", "s3-s3"],
     "rss": ["rss-1g", "rss-16g", "rss-delta"],
     "io": ["io"],
+    "compress": ["zlib", "zstd"],
     "soak": ["soak"],
 }
 ALL_ROWS = [r for rows in GROUPS.values() for r in rows]
@@ -338,7 +346,7 @@ def row_file(ctx: Ctx) -> Row:
     row = Row(
         "file",
         "file -> file (4 GiB raw -> qcow2)",
-        "ratio <= 1.5",
+        "ratio <= 1.5; <= 1.0",
         source_bytes=vsize,
         peer_title="qemu-img convert -O qcow2",
     )
@@ -366,7 +374,72 @@ def row_file(ctx: Ctx) -> Row:
 
     interleave(ctx, row, ours, peer, warmup=1)
     if row.ratio is not None:
+        # Two targets: 1.5 from the streaming core's issue, 1.0 from the multi-core one; the row is ok
+        # against the first and the note says where it stands against the second.
         row.passed = row.ratio <= 1.5
+        row.notes.append(
+            f"ratio {row.ratio:.2f}: {'meets' if row.ratio <= 1.0 else 'misses'} the <= 1.0 target"
+        )
+    return row
+
+
+COMPRESSED = {
+    # row: (our option, qemu-img's extra options, ratio target)
+    "zlib": ("zlib", [], 0.3),
+    "zstd": ("zstd", ["-o", "compression_type=zstd"], 0.6),
+}
+
+
+def row_compressed(ctx: Ctx, name: str) -> Row:
+    algo, qemu_opts, target = COMPRESSED[name]
+    img = ctx.images.path("img4g")
+    vsize = ctx.images.images["img4g"].virtual_size
+    row = Row(
+        name,
+        f"file -> {algo}-compressed qcow2 (4 GiB raw)",
+        f"ratio <= {target}, size +-5 %",
+        source_bytes=vsize,
+        peer_title=shlex.join(["qemu-img", "convert", "-c", *qemu_opts, "-O", "qcow2"]),
+    )
+    out = ctx.outdir / f"ours-{algo}.qcow2"
+    pout = ctx.outdir / f"peer-{algo}.qcow2"
+    env = ctx.child_env()
+    sizes: dict[str, int] = {}
+
+    def ours(i: int) -> Measure:
+        out.unlink(missing_ok=True)
+        m = ctx.run(
+            [*ctx.ours_cmd(str(img), str(out)), "--compress", algo], env, f"{name} ours {ctx.label(i)}"
+        )
+        if i == 0:
+            row.notes.append(check_local(out, vsize, summary_of(m)))
+            cmp = subprocess.run(["qemu-img", "compare", str(img), str(out)], capture_output=True, text=True)
+            if cmp.returncode != 0:
+                raise RowError(f"qemu-img compare {out.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            sizes["ours"] = out.stat().st_size
+        out.unlink(missing_ok=True)
+        return m
+
+    def peer(i: int) -> Measure:
+        pout.unlink(missing_ok=True)
+        m = ctx.run(
+            ["qemu-img", "convert", "-c", *qemu_opts, "-O", "qcow2", str(img), str(pout)],
+            env,
+            f"{name} peer {ctx.label(i)}",
+        )
+        sizes["peer"] = pout.stat().st_size
+        pout.unlink(missing_ok=True)
+        return m
+
+    interleave(ctx, row, ours, peer)
+    size_ratio = sizes["ours"] / sizes["peer"]
+    row.value = size_ratio
+    row.notes.append(
+        f"output {fmt_bytes(sizes['ours'])} vs qemu-img's {fmt_bytes(sizes['peer'])} "
+        f"({(size_ratio - 1) * 100:+.1f} %); compared identical to the source"
+    )
+    if row.ratio is not None:
+        row.passed = row.ratio <= target and abs(size_ratio - 1) <= 0.05
     return row
 
 
@@ -503,6 +576,17 @@ def s3_convert_row(
     ctx.ours_runs[(server.name, name)] = om
     if out_size and with_peer:
         row.notes.append(f"peer uploads {fmt_bytes(out_size[0])} (= our output)")
+    if src.startswith("s3://") and with_peer and row.peer is not None:
+        # The floor under this ratio: only reading the source, with the same transfer manager.
+        dl = ctx.outdir / "floor.raw"
+        argv = [sys.executable, str(HERE / "s3tool.py"), "download", src, str(dl)]
+        argv += ["--part-size", str(ctx.args.peer_part_size), "--concurrency", str(ctx.args.peer_concurrency)]
+        m = ctx.run(argv, env, f"{row.name} reference: download of the source alone")
+        dl.unlink(missing_ok=True)
+        row.notes.append(
+            f"reading the {fmt_bytes(info.virtual_size)} source alone (s3tool download) took {m.wall:.2f} s, "
+            f"{m.wall / row.peer.wall:.2f}x the peer: no conversion can go below that ratio here"
+        )
     return row
 
 
@@ -788,10 +872,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--converter-args", default="", help="extra options appended to every conversion of ours")
     ap.add_argument(
         "--ceph",
-        action="store_true",
-        help="also run the S3 rows against Ceph RGW (tools/ceph-rgw-up.sh), besides moto",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the S3 rows on Ceph RGW (ceph-rgw-up.sh) as well as moto (default; --no-ceph: moto only)",
     )
-    ap.add_argument("--no-moto", action="store_true", help="skip moto (with --ceph: Ceph only)")
+    ap.add_argument("--no-moto", action="store_true", help="skip moto (Ceph only)")
     ap.add_argument(
         "--peer-concurrency",
         type=int,
@@ -818,7 +903,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     if args.no_moto and not args.ceph and S3_ROWS & set(args.row_names):
-        ap.error("--no-moto without --ceph leaves the S3 rows without a server")
+        ap.error("--no-moto with --no-ceph leaves the S3 rows without a server")
     return args
 
 
@@ -996,7 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
             warm = ["img4g"] * bool(wanted - {"rss-1g", "rss-16g", "rss-delta"})
             warm += ["img1g"] * ("rss-1g" in wanted) + ["img16g"] * ("rss-16g" in wanted)
             warm_cache([images.path(n) for n in warm])
-            for name, fn in (("file", row_file), ("http", row_http)):
+            local: list[tuple[str, Callable[[Ctx], Row]]] = [("file", row_file), ("http", row_http)]
+            local += [(n, functools.partial(row_compressed, name=n)) for n in COMPRESSED]
+            for name, fn in local:
                 if name in args.row_names:
                     try:
                         row = fn(ctx)

@@ -181,14 +181,20 @@ def start_moto(workdir: Path, log: Log) -> S3Server:
     return S3Server("moto", client_env, tmp, proc=proc)
 
 
-CEPH_TOOLS = Path("/work/shared/tools")
+REPO = Path(__file__).resolve().parent.parent.parent
+# The shared copy of ceph-rgw-up.sh / ceph-rgw-down.sh first, else the verbatim copy committed in .ci/ceph.
+CEPH_TOOL_DIRS = (REPO.parent / "shared" / "tools", REPO / ".ci" / "ceph")
+
+
+def ceph_tools() -> tuple[Path, Path]:
+    for d in CEPH_TOOL_DIRS:
+        if (d / "ceph-rgw-up.sh").is_file() and (d / "ceph-rgw-down.sh").is_file():
+            return d / "ceph-rgw-up.sh", d / "ceph-rgw-down.sh"
+    raise RuntimeError(f"ceph-rgw-up.sh not found in {' or '.join(map(str, CEPH_TOOL_DIRS))}")
 
 
 def start_ceph(workdir: Path, log: Log, store_gib: int = 48) -> S3Server:
-    up = CEPH_TOOLS / "ceph-rgw-up.sh"
-    down = CEPH_TOOLS / "ceph-rgw-down.sh"
-    if not up.exists():
-        raise RuntimeError(f"{up} not found")
+    up, down = ceph_tools()
     ceph_dir = workdir / "ceph-rgw"
     env = dict(
         os.environ,

@@ -4,7 +4,9 @@
     s3tool.py download s3://bucket/key FILE [--part-size BYTES] [--concurrency N]
 
 It is boto3's transfer manager (s3transfer, what aws-cli uses) with fixed-size parts and N threads;
-endpoint and credentials come from the standard AWS_* environment variables.
+endpoint and credentials come from the standard AWS_* environment variables. Request checksums follow the
+same default as imgpipe's against a custom endpoint (when_required, unless AWS_REQUEST_CHECKSUM_CALCULATION
+says otherwise), so both sides do the same per-byte work besides the copy itself.
 Prints one JSON line: bytes, seconds, MiB/s.
 """
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
     from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
 
     config = TransferConfig(
         multipart_threshold=args.part_size,
@@ -42,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrency=args.concurrency,
         use_threads=True,
     )
-    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    checksums = {}
+    if endpoint and not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+        checksums["request_checksum_calculation"] = "when_required"
+    s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(**checksums))
     t0 = time.perf_counter()
     if args.op == "upload":
         bucket, key = split_url(args.dst)
