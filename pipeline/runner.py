@@ -225,7 +225,7 @@ async def _tap_stage(inq: ClosableQueue[Chunk], outq: ClosableQueue[Chunk], hook
     """Show every source chunk to the caller's hook, in order, then pass it on unchanged."""
     async for chunk in inq:
         if hooks.on_chunk is not None:
-            await hooks.on_chunk(memoryview(chunk.buf)[: chunk.length])
+            await hooks.on_chunk(chunk.view())
         await outq.put(chunk)
     if hooks.on_end is not None:
         hooks.on_end()
