@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     c.add_argument("--job-id", help="bound to every log line of this job")
+    w = sub.add_parser(
+        "worker",
+        help="convert jobs from an SQS queue (job messages and S3 event notifications)",
+        description="Long-poll an SQS queue and convert each job it carries; see config/worker.toml for "
+        "every setting (file < IMGPIPE_<KEY> environment < flags).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("--queue-url", metavar="URL", help="SQS queue of jobs (or [worker] queue_url)")
+    w.add_argument("--concurrency", type=int, metavar="N", help="jobs at once (default 4)")
+    w.add_argument("--once", action="store_true", help="exit when the queue was empty for one long poll")
+    w.add_argument("--config", metavar="FILE", help="worker settings file (TOML)")
+    w.add_argument("--results-queue-url", metavar="URL", help="SQS queue for results")
+    w.add_argument("--metrics-port", type=int, metavar="PORT", help="/metrics, /healthz, /readyz (0: off)")
+    w.add_argument("--grace-period", type=float, metavar="SECONDS", help="on SIGTERM (default 45)")
     return p
 
 
@@ -120,9 +135,37 @@ def _human(summary: dict[str, Any]) -> str:
     )
 
 
+def _worker(ns: argparse.Namespace) -> int:
+    from pipeline import workerconfig
+
+    try:
+        cfg = workerconfig.load(
+            ns.config,
+            queue_url=ns.queue_url,
+            concurrency=ns.concurrency,
+            once=ns.once or None,
+            results_queue_url=ns.results_queue_url,
+            metrics_port=ns.metrics_port,
+            grace_period=ns.grace_period,
+        )
+    except UsageError as exc:
+        print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_status
+    log.configure(cfg.convert.log_level)
+    from pipeline.worker import run
+
+    try:
+        return run(cfg)
+    except ImgpipeError as exc:
+        print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.command == "worker":
+        return _worker(ns)
     try:
         settings = settings_from_args(ns)
     except UsageError as exc:

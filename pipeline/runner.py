@@ -12,6 +12,7 @@ import gc
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import log
@@ -33,6 +34,24 @@ from pipeline.stages import (
     zero_skip_stage,
 )
 from pipeline.stats import JobStats
+
+
+@dataclass(frozen=True, slots=True)
+class JobHooks:
+    """Extension points for a caller that wraps jobs (the queue worker); the CLI passes none.
+
+    on_open(source, sink): after the source is opened and before the sink is: e.g. output metadata
+    naming the source's version. on_chunk(view): every source byte, in order, before it moves on.
+    on_end(): after the last source byte and before the output can commit; raising there fails the
+    job and aborts the output (e.g. a checksum that does not match).
+    """
+
+    on_open: Callable[[Any, Any], None] | None = None
+    on_chunk: Callable[[memoryview], Awaitable[None]] | None = None
+    on_end: Callable[[], None] | None = None
+
+
+_gc_frozen = False
 
 
 def output_bound(virtual_size: int, settings: Settings) -> int:
@@ -138,10 +157,17 @@ async def _progress(stats: JobStats, enabled: bool) -> None:
         bar.close()
 
 
-async def convert(src: str, dst: str, settings: Settings, job_id: str | None = None) -> dict[str, Any]:
+async def convert(
+    src: str, dst: str, settings: Settings, job_id: str | None = None, hooks: JobHooks | None = None
+) -> dict[str, Any]:
     """Convert SRC into DST; return the summary. Raises ImgpipeError subclasses on failure."""
-    # botocore and aiohttp leave a large import-time object graph; keep the collector off it.
-    gc.freeze()
+    # botocore and aiohttp leave a large import-time object graph; keep the collector off it. Once per
+    # process: freezing again in a long-lived worker would make every earlier job's uncollected cyclic
+    # garbage (buffers included) permanent, a leak of tens of MiB per job.
+    global _gc_frozen
+    if not _gc_frozen:
+        gc.freeze()
+        _gc_frozen = True
     stats = JobStats(source=src, destination=dst, output_format=settings.output_format)
     stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
     stats.compression = settings.compress
@@ -162,10 +188,12 @@ async def convert(src: str, dst: str, settings: Settings, job_id: str | None = N
                 check_geometry(source.size, settings.cluster_size)
         bound = output_bound(source.size, settings) if source.size is not None else None
         sink = open_sink(dst, settings, s3, bound)
+        if hooks is not None and hooks.on_open is not None:
+            hooks.on_open(source, sink)
         reserve = settings.cluster_size if settings.output_format == "qcow2" else 0
         await sink.open(reserve)
         logger.info("job started", size=source.size, ranged=source.ranged, etag=source.etag)
-        await _run_stages(source, sink, settings, stats)
+        await _run_stages(source, sink, settings, stats, hooks)
     except BaseException as exc:
         if sink is not None:
             await _time_boxed(sink.abort, settings.cleanup_timeout)
@@ -193,7 +221,20 @@ async def _open_source(source: Any) -> None:
         raise
 
 
-async def _run_stages(source: Any, sink: Any, settings: Settings, stats: JobStats) -> None:
+async def _tap_stage(inq: ClosableQueue[Chunk], outq: ClosableQueue[Chunk], hooks: JobHooks) -> None:
+    """Show every source chunk to the caller's hook, in order, then pass it on unchanged."""
+    async for chunk in inq:
+        if hooks.on_chunk is not None:
+            await hooks.on_chunk(chunk.view())
+        await outq.put(chunk)
+    if hooks.on_end is not None:
+        hooks.on_end()
+    await outq.close()
+
+
+async def _run_stages(
+    source: Any, sink: Any, settings: Settings, stats: JobStats, hooks: JobHooks | None = None
+) -> None:
     depth = settings.queue_depth
     pool = BufferPool(settings.buffers, settings.chunk_size)
     raw_q: ClosableQueue[Chunk] = ClosableQueue(depth)
@@ -218,7 +259,12 @@ async def _run_stages(source: Any, sink: Any, settings: Settings, stats: JobStat
     try:
         async with asyncio.TaskGroup() as tg:
             progress = asyncio.create_task(_progress(stats, progress_on))
-            tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
+            if hooks is not None:
+                tapped_q: ClosableQueue[Chunk] = ClosableQueue(depth)
+                tg.create_task(failures.wrap("source", source.produce(pool, tapped_q, stats.read)))
+                tg.create_task(failures.wrap("verify", _tap_stage(tapped_q, raw_q, hooks)))
+            else:
+                tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
             tg.create_task(failures.wrap("sniff", sniff_stage(source, raw_q, sniffed_q, verdict, stats)))
             tg.create_task(failures.wrap("decode", decode()))
             tg.create_task(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -66,6 +68,13 @@ class S3Sink(Sink):
         self._free: list[bytearray] = []
         self._uploads: asyncio.TaskGroup | None = None
         self._log = log.get(stage="sink", destination=spec)
+        # Set by a caller before open (the worker): Metadata for the object, and the condition
+        # (IfNoneMatch="*" or IfMatch=ETag) on the request that commits it, so racing writers of one
+        # key cannot both win.
+        self.create_args: dict[str, Any] = {}
+        self.commit_args: dict[str, Any] = {}
+        # Called with (client, upload id) once the multipart upload exists; may raise to give way.
+        self.on_upload_created: Callable[[Any, str], Awaitable[None]] | None = None
 
     async def open(self, reserve: int) -> None:
         await super().open(reserve)
@@ -133,12 +142,17 @@ class S3Sink(Sink):
             client = await self.s3.client()
             try:
                 resp = await client.create_multipart_upload(
-                    Bucket=self.loc.bucket, Key=self.loc.key, ContentType="application/octet-stream"
+                    Bucket=self.loc.bucket,
+                    Key=self.loc.key,
+                    ContentType="application/octet-stream",
+                    **self.create_args,
                 )
             except (ClientError, BotoCoreError) as exc:
                 raise describe(exc, self.spec, SinkError) from None
             self.upload_id = str(resp["UploadId"])
             self._log.debug("multipart upload started", upload_id=self.upload_id)
+            if self.on_upload_created is not None:
+                await self.on_upload_created(client, self.upload_id)
         return self.upload_id
 
     async def _start_upload(self, number: int, buf: bytearray, length: int, release: bool) -> None:
@@ -191,6 +205,8 @@ class S3Sink(Sink):
                     Key=self.loc.key,
                     Body=body,
                     ContentType="application/octet-stream",
+                    **self.create_args,
+                    **self.commit_args,
                 )
             else:
                 # Ascending part order whatever the upload order: AWS answers InvalidPartOrder otherwise,
@@ -202,6 +218,7 @@ class S3Sink(Sink):
                     Key=self.loc.key,
                     UploadId=self.upload_id,
                     MultipartUpload={"Parts": parts},
+                    **self.commit_args,
                 )
                 # botocore turns a 200 carrying <Error> into an exception, so this is a success. Its ETag
                 # is not checked: Ceph RGW 16.2 answers <ETag></ETag>. The HEAD below is the check.

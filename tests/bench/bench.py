@@ -15,8 +15,10 @@ Rows (each a median of --runs runs, ours and the peer interleaved; see README_be
   zlib        file -> compressed qcow2: ours --compress zlib vs `qemu-img convert -c`     ratio <= 0.3
   zstd        the same with zstd vs `qemu-img convert -c -o compression_type=zstd`       ratio <= 0.6
               (both: output size within 5 % of qemu-img's, ours checked with qemu-img check + compare)
+  soak        200 small jobs through 2 `imgpipe worker` processes (moto S3 + SQS): jobs/s,
+              p50/p95 latency; 0 failures and each worker's RSS after 200 within 10 % of after 20
 Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io,
-compress (zlib + zstd); or row names.
+compress (zlib + zstd), soak; or row names.
 The S3 rows run once per store: moto's server and Ceph RADOS Gateway (ceph-rgw-up.sh; --no-ceph: moto only,
 --no-moto: Ceph only), each row named row/store, e.g. s3-s3/ceph.
 Targets are reported, never asserted: exit status 0 even when one is MISSED; 1 when a row could not be
@@ -60,6 +62,7 @@ GROUPS: dict[str, list[str]] = {
     "rss": ["rss-1g", "rss-16g", "rss-delta"],
     "io": ["io"],
     "compress": ["zlib", "zstd"],
+    "soak": ["soak"],
 }
 ALL_ROWS = [r for rows in GROUPS.values() for r in rows]
 S3_ROWS = {"http-s3", "s3-s3", "rss-1g", "rss-16g", "rss-delta", "io"}
@@ -784,6 +787,8 @@ def cells(row: Row) -> list[str]:
     ours = secs(row.ours)
     if row.name.startswith("rss-delta"):
         ours = fmt_bytes(row.value or 0)
+    elif row.name == "soak":
+        ours = f"{row.value:.2f} jobs/s" if row.value is not None else "-"
     elif row.name.startswith("io/"):
         ours = fmt_bytes(row.value or 0) if row.value is not None else "?"
     o = row.ours
@@ -993,8 +998,51 @@ def servers(ctx: Ctx) -> Iterator[None]:
             log("servers stopped")
 
 
+def row_soak() -> Row:
+    import soak
+
+    row = Row("soak", "200 small jobs through 2 workers (moto S3 + SQS)", "0 failures, RSS +-10 %")
+    try:
+        d = soak.run(log)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        row.error = str(e)
+        return row
+    row.value = d["jobs_per_second"]
+    row.passed = bool(d["ok"])
+    row.notes = [
+        f"{d['jobs']} jobs, {d['failures']} failures, {d['outputs']} outputs, "
+        f"{d['multipart_uploads_left']} multipart uploads left",
+        f"{d['jobs_per_second']} jobs/s; job latency p50 {d['job_seconds_p50']} s, "
+        f"p95 {d['job_seconds_p95']} s; "
+        f"end to end (all sent at once) p50 {d['end_to_end_p50']} s, p95 {d['end_to_end_p95']} s",
+        f"worker RSS after 20 jobs {d['rss_after_warm_mib']} MiB, after {d['jobs'] // 2} "
+        f"{d['rss_after_half_mib']} MiB, after {d['jobs']} {d['rss_after_all_mib']} MiB "
+        f"(200 vs 20: {d['rss_growth_pct']} %)",
+    ]
+    return row
+
+
+def soak_only(args: argparse.Namespace) -> int:
+    """`--rows soak` needs none of the big images or peer servers: skip building them."""
+    row = row_soak()
+    print_row_line(row)
+    print()
+    print(text_table([row]))
+    for n in row.notes:
+        print(f"  soak: {n}")
+    if row.error:
+        print(f"  soak: ERROR {row.error}")
+    if args.json_out:
+        args.json_out.write_text(
+            json.dumps({"rows": [asdict(row) | {"result": row.result}]}, indent=2) + "\n"
+        )
+    return 1 if row.error else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.row_names == ["soak"]:
+        return soak_only(args)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1056,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
             for server in ctx.s3:
                 if s3_wanted:
                     rows_s3(ctx, server, s3_wanted, results)
+            if "soak" in args.row_names:
+                results.append(row_soak())
+                print_row_line(results[-1])
     except (HarnessError, RuntimeError, OSError, subprocess.CalledProcessError) as e:
         log(f"HARNESS FAILURE: {type(e).__name__}: {e}")
         return 2
