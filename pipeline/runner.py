@@ -119,8 +119,17 @@ def _unexpected(stage: str, exc: BaseException) -> ImgpipeError:
     return err
 
 
-async def _time_boxed(what: Callable[[], Awaitable[None]], seconds: float) -> None:
-    """Run cleanup to the end even if we are being cancelled, but never longer than `seconds`."""
+async def time_boxed(
+    what: Callable[[], Awaitable[None]],
+    seconds: float,
+    failure: str = "cleanup failed",
+    errors: tuple[type[Exception], ...] = (Exception,),
+) -> None:
+    """Run cleanup to the end even if we are being cancelled, but never longer than `seconds`.
+
+    A failure of one of `errors` is logged as `failure`, never raised: cleanup must not mask the job's
+    own error.
+    """
     task = asyncio.ensure_future(what())
     try:
         await asyncio.wait_for(asyncio.shield(task), seconds)
@@ -128,8 +137,8 @@ async def _time_boxed(what: Callable[[], Awaitable[None]], seconds: float) -> No
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(task, seconds)
         raise
-    except Exception as exc:  # cleanup must not mask the job's own error
-        log.get(stage="cleanup").warning("cleanup failed", error=str(exc))
+    except errors as exc:
+        log.get(stage="cleanup").warning(failure, error=str(exc))
 
 
 async def _progress(stats: JobStats, enabled: bool) -> None:
@@ -196,7 +205,7 @@ async def convert(
         await _run_stages(source, sink, settings, stats, hooks)
     except BaseException as exc:
         if sink is not None:
-            await _time_boxed(sink.abort, settings.cleanup_timeout)
+            await time_boxed(sink.abort, settings.cleanup_timeout)
         if isinstance(exc, ImgpipeError):
             logger.info("job failed", stage=exc.stage, error=exc.one_line(), exit_status=exc.exit_status)
         raise

@@ -49,7 +49,7 @@ from prometheus_client import (
 from pipeline import log
 from pipeline.errors import ImgpipeError, InputRefused, SinkError, UsageError
 from pipeline.jobs import InvalidJob, Job, parse_message
-from pipeline.runner import JobHooks, convert
+from pipeline.runner import JobHooks, convert, time_boxed
 from pipeline.s3util import S3Context, S3Url, error_code, parse_s3_url
 from pipeline.settings import Settings
 from pipeline.sources import open_source
@@ -306,12 +306,14 @@ class Worker:
             fate = await self._process(msg, mid, receives)
         except asyncio.CancelledError:
             heartbeat.cancel()
-            await _shielded(lambda: self._change_visibility(receipt, 0), self.cfg.convert.cleanup_timeout)
+            await _acknowledge(lambda: self._change_visibility(receipt, 0), self.cfg.convert.cleanup_timeout)
             self.log.info("message released for another worker")
             raise
         finally:
             heartbeat.cancel()
-        await _shielded(lambda: self._apply(fate, msg, receipt, receives), self.cfg.convert.cleanup_timeout)
+        await _acknowledge(
+            lambda: self._apply(fate, msg, receipt, receives), self.cfg.convert.cleanup_timeout
+        )
 
     async def _heartbeat(self, receipt: str) -> None:
         while True:
@@ -647,18 +649,12 @@ async def _first(*aws: Awaitable[Any]) -> None:
                 t.cancel()
 
 
-async def _shielded(what: Callable[[], Awaitable[None]], seconds: float) -> None:
-    """Run an acknowledgement to the end even when cancelled, time-boxed; a failure is logged."""
-    task = asyncio.ensure_future(what())
-    try:
-        await asyncio.wait_for(asyncio.shield(task), seconds)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(task, seconds)
-        raise
-    except (ClientError, BotoCoreError, TimeoutError) as exc:
-        log.get().warning("acknowledging the message failed", error=str(exc))
-
-
 def run(cfg: WorkerConfig) -> int:
     return asyncio.run(Worker(cfg).run())
+
+
+async def _acknowledge(what: Callable[[], Awaitable[None]], seconds: float) -> None:
+    """Run an acknowledgement to the end even when cancelled, time-boxed; a failure is logged."""
+    await time_boxed(
+        what, seconds, "acknowledging the message failed", (ClientError, BotoCoreError, TimeoutError)
+    )

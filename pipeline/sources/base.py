@@ -13,10 +13,12 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 
+from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import SourceChanged, SourceError
 from pipeline.settings import Settings
+from pipeline.sources.rangeio import Head, RangeClient, RangeIOError, Unframed
 
 OnBytes = Callable[[int], None]
 
@@ -96,6 +98,22 @@ class RangedSource(Source):
             exc.received = got
             raise
         return got
+
+    async def _fast_get(
+        self, client: RangeClient, headers: dict[str, str], view: memoryview, path_qs: str | None = None
+    ) -> tuple[Head, int] | None:
+        """One ranged GET through the zero-copy client (rangeio) into `view`. None: the answer is one
+        that client does not frame, and the caller should use its general client from now on."""
+        self.requests += 1
+        try:
+            return await client.get(headers, view, path_qs)
+        except RangeIOError as exc:
+            err = TransientReadError(str(exc))
+            err.received = exc.received
+            raise err from None
+        except Unframed as exc:
+            log.get(stage="source").info("ranged reads fall back to the general client", reason=str(exc))
+            return None
 
     async def _fill(self, chunk: Chunk, offset: int, length: int) -> Chunk:
         view = chunk.space(0, length)

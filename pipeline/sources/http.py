@@ -10,13 +10,12 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 from yarl import URL
 
-from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import SourceChanged, SourceError
 from pipeline.settings import Settings
 from pipeline.sources.base import ChunkFiller, OnBytes, RangedSource, TransientReadError, check_same_version
-from pipeline.sources.rangeio import RangeClient, RangeIOError, Unframed
+from pipeline.sources.rangeio import RangeClient
 
 HeaderGet = Callable[[str], str | None]
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -146,19 +145,11 @@ class HttpSource(RangedSource):
         if self._fast is None:
             return await super()._read_into(view, offset)
         end = offset + len(view)
-        try:
-            head, got = await self._fast.get(self._headers(offset, end), view)
-        except RangeIOError as exc:
-            self.requests += 1
-            err = TransientReadError(str(exc))
-            err.received = exc.received
-            raise err from None
-        except Unframed as exc:
-            self.requests += 1
+        answer = await self._fast_get(self._fast, self._headers(offset, end), view)
+        if answer is None:
             self._fast = None  # this server's answers need aiohttp's framing: use it from now on
-            log.get(stage="source").info("ranged reads fall back to aiohttp", reason=str(exc))
             return await super()._read_into(view, offset)
-        self.requests += 1
+        head, got = answer
         self._check_range_answer(head.status, head.get, offset, end)
         if got != len(view):
             raise SourceError(

@@ -11,12 +11,11 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 from yarl import URL
 
-from pipeline import log
 from pipeline.errors import ImgpipeError, SourceError
 from pipeline.s3util import S3Context, describe, error_code, parse_s3_url
 from pipeline.settings import Settings
 from pipeline.sources.base import RangedSource, TransientReadError, check_same_version
-from pipeline.sources.rangeio import RangeClient, RangeIOError, Unframed
+from pipeline.sources.rangeio import RangeClient
 
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientPayloadError,
@@ -75,19 +74,11 @@ class S3Source(RangedSource):
         headers = {"Range": f"bytes={offset}-{end - 1}", "User-Agent": "imgpipe"}
         if self.etag:
             headers["If-Match"] = self.etag
-        try:
-            head, got = await self._fast.get(headers, view, url.raw_path_qs)
-        except RangeIOError as exc:
-            self.requests += 1
-            err = TransientReadError(str(exc))
-            err.received = exc.received
-            raise err from None
-        except Unframed as exc:
-            self.requests += 1
-            self._fast_ok = False
-            log.get(stage="source").info("ranged reads fall back to botocore", reason=str(exc))
+        answer = await self._fast_get(self._fast, headers, view, url.raw_path_qs)
+        if answer is None:
+            self._fast_ok = False  # botocore's get_object from now on
             return await super()._read_into(view, offset)
-        self.requests += 1
+        head, got = answer
         status = head.status
         if status == 412:
             raise describe(
