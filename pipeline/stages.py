@@ -270,12 +270,11 @@ async def _encode_compressed(
             runs = [ext for ext in batch.extents if ext.chunk is not None]
             end = max((e.offset + e.length for e in batch.extents), default=guest_end)
             guest_end = max(guest_end, end)
-            if not runs:
-                batch.release()
-                if not pending:
-                    writer.skip_to(end)
-                    continue
-            fut = loop.run_in_executor(executor, _compress_runs, compress, cs, runs)
+            if runs:
+                fut = loop.run_in_executor(executor, _compress_runs, compress, cs, runs)
+            else:  # all zeros: nothing to compress, but it still takes its turn in stream order
+                fut = loop.create_future()
+                fut.set_result([])
             pending.append((fut, batch, end))
             if len(pending) >= window:
                 await place()

@@ -16,7 +16,7 @@ touch it, so those are counted as they are placed: 2 bytes per output cluster.
 
 from __future__ import annotations
 
-import struct
+import sys
 from array import array
 from dataclasses import dataclass
 from itertools import repeat
@@ -33,6 +33,7 @@ from pipeline.qcow2.header import (
 )
 
 MAX_REFCOUNT = (1 << (1 << REFCOUNT_ORDER)) - 1
+_HOST_LITTLE_ENDIAN = sys.byteorder == "little"  # qcow2 tables are big-endian: swap before writing
 COMPRESSION_TYPES = {"none": 0, "zlib": 0, "zstd": 1}
 
 MAX_L1_BYTES = 32 * 1024 * 1024  # qemu refuses larger L1 tables (QCOW_MAX_L1_SIZE)
@@ -113,7 +114,7 @@ class Qcow2Writer:
 
     def _flush_table(self) -> bytes:
         table = self._l2
-        if struct.pack("=I", 1) == struct.pack("<I", 1):
+        if _HOST_LITTLE_ENDIAN:
             table.byteswap()  # qcow2 is big-endian
         self.l1[self._l2_index] = self.host_end
         self.host_end += self.cs
@@ -122,6 +123,12 @@ class Qcow2Writer:
         self._l2_used = False
         return table.tobytes()
 
+    def _check_order(self, guest_offset: int) -> None:
+        if guest_offset % self.cs:
+            raise ValueError("data runs must start on a cluster boundary")
+        if guest_offset < self.next_guest:
+            raise ValueError("data runs must arrive in ascending guest order")
+
     def add_data(self, guest_offset: int, data: memoryview, out: list[bytes | memoryview]) -> None:
         """Place `data` (starting on a cluster boundary) and append what the stream gets, in order.
 
@@ -129,10 +136,7 @@ class Qcow2Writer:
         zero padding after a ragged last cluster; the caller writes them in that order.
         """
         cs = self.cs
-        if guest_offset % cs:
-            raise ValueError("data runs must start on a cluster boundary")
-        if guest_offset < self.next_guest:
-            raise ValueError("data runs must arrive in ascending guest order")
+        self._check_order(guest_offset)
         length = len(data)
         g = guest_offset // cs
         k = _ceil_div(length, cs)
@@ -164,10 +168,7 @@ class Qcow2Writer:
         """Place one cluster's compressed form right after the previous bytes, wherever that is."""
         cs, rc = self.cs, self.rc
         assert rc is not None, "the writer was made without compression"
-        if guest_offset % cs:
-            raise ValueError("data runs must start on a cluster boundary")
-        if guest_offset < self.next_guest:
-            raise ValueError("data runs must arrive in ascending guest order")
+        self._check_order(guest_offset)
         if not 0 < len(payload) < cs:
             raise ValueError("a compressed cluster must be smaller than a cluster")
         t, i = divmod(guest_offset // cs, self.l2_entries)
@@ -232,7 +233,7 @@ class Qcow2Writer:
             assert len(self.rc) == used
             counts = self.rc + array("H", repeat(1, total - used))
             counts.extend(repeat(0, blocks * per_block - total))
-            if struct.pack("=I", 1) == struct.pack("<I", 1):
+            if _HOST_LITTLE_ENDIAN:
                 counts.byteswap()
             raw = counts.tobytes()
             metadata.extend(raw[b * cs : (b + 1) * cs] for b in range(blocks))
@@ -241,7 +242,7 @@ class Qcow2Writer:
         l1 = array("Q", [0] * (l1_clusters * cs // 8))
         for idx, off in self.l1.items():
             l1[idx] = off | OFLAG_COPIED
-        if struct.pack("=I", 1) == struct.pack("<I", 1):
+        if _HOST_LITTLE_ENDIAN:
             rt.byteswap()
             l1.byteswap()
         metadata.append(rt.tobytes())

@@ -81,9 +81,7 @@ class S3Source(RangedSource):
         head, got = answer
         status = head.status
         if status == 412:
-            raise describe(
-                ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"), self.spec, SourceError
-            )
+            raise self._as_error("PreconditionFailed")
         if status >= 500:
             raise TransientReadError(f"S3 HTTP {status}")
         if status in (403, 404):
@@ -93,15 +91,19 @@ class S3Source(RangedSource):
             raise SourceError(
                 f"{self.spec}: S3 answered a ranged GET with HTTP {status} {head.reason}".rstrip()
             )
-        check_same_version(self.spec, self.etag, head.get("ETag"))
         cr = head.get("Content-Range") or ""
-        if not cr.startswith(f"bytes {offset}-{end - 1}/") or got != len(view):
+        self._check_range_answer(head.get("ETag"), cr, offset, end)
+        if got != len(view):
             raise SourceError(f"{self.spec}: asked for bytes {offset}-{end - 1}, got {cr!r}")
-        if cr.rsplit("/", 1)[-1] != str(self.size):
-            raise describe(
-                ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"), self.spec, SourceError
-            )
         return got
+
+    def _check_range_answer(self, etag: str | None, content_range: str, start: int, end: int) -> None:
+        """What every 206 to one of our ranged GETs must carry: the pinned version, that range, that size."""
+        check_same_version(self.spec, self.etag, etag)
+        if not content_range.startswith(f"bytes {start}-{end - 1}/"):
+            raise SourceError(f"{self.spec}: asked for bytes {start}-{end - 1}, got {content_range!r}")
+        if content_range.rsplit("/", 1)[-1] != str(self.size):
+            raise self._as_error("PreconditionFailed")  # the object was replaced by one of another size
 
     def _as_error(self, code: str) -> ImgpipeError:
         """The same one-line wording botocore's error for `code` gets (see s3util.describe)."""
@@ -128,16 +130,7 @@ class S3Source(RangedSource):
         self.requests += 1
         body = resp["Body"]
         try:
-            check_same_version(self.spec, self.etag, resp.get("ETag"))
-            cr = resp.get("ContentRange", "")
-            if not cr.startswith(f"bytes {start}-{end - 1}/"):
-                raise SourceError(f"{self.spec}: asked for bytes {start}-{end - 1}, got {cr!r}")
-            if cr.rsplit("/", 1)[-1] != str(self.size):
-                raise describe(
-                    ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject"),
-                    self.spec,
-                    SourceError,
-                )
+            self._check_range_answer(resp.get("ETag"), resp.get("ContentRange", ""), start, end)
             while True:
                 try:
                     piece = await body.read(1 << 20)
