@@ -19,7 +19,13 @@ from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import ImgpipeError, SinkError, SourceError, UnsafeImage, UsageError
+from pipeline.formats import sniff
 from pipeline.formats.base import Match
+from pipeline.formats.decode import decode_stage
+from pipeline.formats.layout import Decoder, ImageReader
+from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
+from pipeline.formats.readers import RangedReader, StreamReader
+from pipeline.formats.registry import DECODERS
 from pipeline.messages import Batch, Finish, Writes
 from pipeline.qcow2.writer import check_geometry
 from pipeline.s3util import S3Context
@@ -184,25 +190,34 @@ async def convert(
     s3 = S3Context(settings)
     source = open_source(src, settings, s3)  # one S3 client per job serves both ends
     sink = None
+    siblings: list[Any] = []
+    pool = BufferPool(settings.buffers, settings.chunk_size)
     try:
         await _open_source(source)
         stats.source_size = source.size
-        if source.size is not None:
-            if source.size > settings.max_virtual_size:
-                raise UnsafeImage(
-                    f"source is {source.size} bytes, over the virtual-size cap of "
-                    f"{settings.max_virtual_size / TiB:g} TiB; raise IMGPIPE_MAX_VIRTUAL_SIZE if expected"
-                )
+        if source.size is not None and source.size > settings.max_virtual_size:
+            raise UnsafeImage(
+                f"source is {source.size} bytes, over the virtual-size cap of "
+                f"{settings.max_virtual_size / TiB:g} TiB; raise IMGPIPE_MAX_VIRTUAL_SIZE if expected"
+            )
+        plan: _Plan | None = None
+        if hooks is None or hooks.on_chunk is None:
+            # A hook that must see every source byte in order keeps the job on the stream path.
+            plan = await _plan_ranged(source, settings, stats, pool, s3, siblings)
+        vsize = plan.decoder.info.virtual_size if plan and plan.decoder else source.size
+        bound: int | None = None
+        if vsize is not None:
             if settings.output_format == "qcow2":
-                check_geometry(source.size, settings.cluster_size)
-        bound = output_bound(source.size, settings) if source.size is not None else None
+                check_geometry(vsize, settings.cluster_size)
+            if plan is not None:  # a sequential source's content may be a sparse image of any size
+                bound = output_bound(vsize, settings)
         sink = open_sink(dst, settings, s3, bound)
         if hooks is not None and hooks.on_open is not None:
             hooks.on_open(source, sink)
         reserve = settings.cluster_size if settings.output_format == "qcow2" else 0
         await sink.open(reserve)
         logger.info("job started", size=source.size, ranged=source.ranged, etag=source.etag)
-        await _run_stages(source, sink, settings, stats, hooks)
+        await _run_stages(source, sink, settings, stats, pool, s3, plan, hooks)
     except BaseException as exc:
         if sink is not None:
             await time_boxed(sink.abort, settings.cleanup_timeout)
@@ -210,9 +225,11 @@ async def convert(
             logger.info("job failed", stage=exc.stage, error=exc.one_line(), exit_status=exc.exit_status)
         raise
     finally:
-        stats.requests = source.requests
-        with contextlib.suppress(Exception):
-            await source.close()
+        stats.requests = source.requests + sum(s.requests for s in siblings)
+        stats.bytes_fetched = source.bytes_fetched + sum(s.bytes_fetched for s in siblings)
+        for closing in (source, *siblings):
+            with contextlib.suppress(Exception):
+                await closing.close()
         with contextlib.suppress(Exception):
             await s3.aclose()
     stats.seconds = time.monotonic() - stats.started
@@ -220,6 +237,71 @@ async def convert(
     summary = stats.summary()
     logger.info("job done", **{k: v for k, v in summary.items() if k not in ("source", "destination")})
     return summary
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a ranged source's head and tail said, decided before the sink is opened."""
+
+    match: Match
+    tail: bytes | None
+    decoder: Decoder | None  # None: raw or ISO, read by the stream path
+
+
+def _sibling_opener(
+    source: Any, settings: Settings, s3: S3Context, siblings: list[Any], stats: JobStats
+) -> Callable[[str], Awaitable[ImageReader]] | None:
+    """Extents of a VMDK descriptor: objects beside the source's own, opened with the same client."""
+    spec: str = source.spec
+    if not spec.startswith(("s3://", "http://", "https://")):
+        return None
+    base = spec.split("?", 1)[0].rsplit("/", 1)[0]
+
+    async def open_sibling(name: str) -> ImageReader:
+        sib = open_source(f"{base}/{name}", settings, s3)
+        siblings.append(sib)
+        await _open_source(sib)
+        if not sib.ranged or sib.size is None:
+            raise UnsafeImage(f"{base}/{name}: an extent must be readable with byte ranges")
+        return RangedReader(sib, on_bytes=stats.read)
+
+    return open_sibling
+
+
+async def _plan_ranged(
+    source: Any, settings: Settings, stats: JobStats, pool: BufferPool, s3: S3Context, siblings: list[Any]
+) -> _Plan | None:
+    """With ranges: sniff from the head and tail, and open a sparse format's decoder (its header and
+    first tables are ranged reads; the data is never streamed past)."""
+    size = source.size
+    if not source.ranged or not size:
+        return None
+    try:
+        prefix = await source.peek_head(pool)
+        n = min(HEAD_BYTES, size)
+        head = prefix[:n] if len(prefix) >= n else await source.read_range(0, n)
+        tail = (
+            bytes(head[-TAIL_BYTES:]) if size <= n else await source.read_range(size - TAIL_BYTES, TAIL_BYTES)
+        )
+    except ImgpipeError as exc:
+        exc.stage = exc.stage or "source"
+        raise
+    try:
+        match = sniff.decide(head, tail, size)
+    except ImgpipeError as exc:
+        exc.stage = exc.stage or "sniff"
+        raise
+    stats.source_format, stats.source_detail = match.format, match.detail
+    if match.format not in DECODERS:
+        return _Plan(match, tail, None)
+    reader = RangedReader(source, prefix, stats.read, _sibling_opener(source, settings, s3, siblings, stats))
+    decoder = DECODERS[match.format](reader, settings)
+    try:
+        await decoder.open()
+    except ImgpipeError as exc:
+        exc.stage = exc.stage or "decode"
+        raise
+    return _Plan(match, tail, decoder)
 
 
 async def _open_source(source: Any) -> None:
@@ -241,11 +323,39 @@ async def _tap_stage(inq: ClosableQueue[Chunk], outq: ClosableQueue[Chunk], hook
     await outq.close()
 
 
+async def _stream_decode(
+    match: Match,
+    inq: ClosableQueue[Chunk],
+    outq: ClosableQueue[Batch],
+    pool: BufferPool,
+    source: Any,
+    settings: Settings,
+    stats: JobStats,
+) -> None:
+    """A sparse format from a sequential source: decode in one pass through the stream reader."""
+    reader = StreamReader(inq, source.size, settings.reorder_buffer)
+    try:
+        decoder = DECODERS[match.format](reader, settings)
+        info = await decoder.open()
+        if settings.output_format == "qcow2":
+            check_geometry(info.virtual_size, settings.cluster_size)
+        await decode_stage(decoder, pool, outq, 1, stats)
+        await reader.drain()
+    finally:
+        reader.release()
+
+
 async def _run_stages(
-    source: Any, sink: Any, settings: Settings, stats: JobStats, hooks: JobHooks | None = None
+    source: Any,
+    sink: Any,
+    settings: Settings,
+    stats: JobStats,
+    pool: BufferPool,
+    s3: S3Context,
+    plan: _Plan | None = None,
+    hooks: JobHooks | None = None,
 ) -> None:
     depth = settings.queue_depth
-    pool = BufferPool(settings.buffers, settings.chunk_size)
     raw_q: ClosableQueue[Chunk] = ClosableQueue(depth)
     sniffed_q: ClosableQueue[Chunk] = ClosableQueue(depth)
     decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
@@ -257,9 +367,12 @@ async def _run_stages(
 
     async def decode() -> None:
         match = await verdict
-        if match.format not in ("raw", "iso"):
+        if match.format in DECODERS:
+            await _stream_decode(match, sniffed_q, decoded_q, pool, source, settings, stats)
+        elif match.format in ("raw", "iso"):
+            await raw_decode_stage(sniffed_q, decoded_q, settings, stats)
+        else:
             raise UsageError(f"no decoder for {match.format}")  # sniff refuses these first
-        await raw_decode_stage(sniffed_q, decoded_q, settings, stats)
 
     if settings.output_format == "qcow2":
         encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
@@ -268,14 +381,26 @@ async def _run_stages(
     try:
         async with asyncio.TaskGroup() as tg:
             progress = asyncio.create_task(_progress(stats, progress_on))
-            if hooks is not None:
+            if plan is not None and plan.decoder is not None:
+                # Ranged sparse image: the decoder reads what it needs; nothing streams the whole file.
+                tg.create_task(
+                    failures.wrap(
+                        "decode",
+                        decode_stage(plan.decoder, pool, decoded_q, settings.read_concurrency, stats),
+                    )
+                )
+            elif hooks is not None:
                 tapped_q: ClosableQueue[Chunk] = ClosableQueue(depth)
                 tg.create_task(failures.wrap("source", source.produce(pool, tapped_q, stats.read)))
                 tg.create_task(failures.wrap("verify", _tap_stage(tapped_q, raw_q, hooks)))
             else:
                 tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
-            tg.create_task(failures.wrap("sniff", sniff_stage(source, raw_q, sniffed_q, verdict, stats)))
-            tg.create_task(failures.wrap("decode", decode()))
+            if plan is None or plan.decoder is None:
+                known = plan.tail if plan is not None else None
+                tg.create_task(
+                    failures.wrap("sniff", sniff_stage(source, raw_q, sniffed_q, verdict, stats, known))
+                )
+                tg.create_task(failures.wrap("decode", decode()))
             tg.create_task(
                 failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats))
             )

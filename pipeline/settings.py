@@ -72,6 +72,9 @@ class Settings:
     connect_timeout: float = 20.0
     read_timeout: float = 60.0
     max_virtual_size: int = 16 * TiB
+    # Sparse formats from a sequential source: bytes skipped over that are kept in case the image's
+    # layout needs them later (tables or data a little out of order).
+    reorder_buffer: int = 64 * MiB
     # S3 destination.
     part_size: int = 8 * MiB
     upload_concurrency: int = 4
@@ -124,6 +127,8 @@ class Settings:
             )
         if self.retries < 0 or self.retry_backoff < 0:
             raise UsageError("IMGPIPE_RETRIES and IMGPIPE_RETRY_BACKOFF must not be negative")
+        if self.reorder_buffer < 0:
+            raise UsageError("IMGPIPE_REORDER_BUFFER must not be negative")
         if self.max_virtual_size <= 0:
             raise UsageError("IMGPIPE_MAX_VIRTUAL_SIZE must be positive")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -165,6 +170,7 @@ class Settings:
             "qcow2 open L2 table + L1 (per TiB of virtual size at 64K clusters: 16 KiB)": 2
             * self.cluster_size,
         }
+        terms["sparse image from a sequential source: reorder window (reorder_buffer)"] = self.reorder_buffer
         if self.compress != "none":
             # Each compression thread holds one chunk's input and its compressed output, and refcounts
             # are kept per output cluster (2 bytes each: 32 KiB per GiB of output at 64K clusters).
@@ -186,6 +192,7 @@ _INT_FIELDS = {
     "read_concurrency": False,
     "retries": False,
     "max_virtual_size": True,
+    "reorder_buffer": True,
     "part_size": True,
     "upload_concurrency": False,
     "upload_memory": True,

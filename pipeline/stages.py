@@ -33,6 +33,7 @@ async def sniff_stage(
     outq: ClosableQueue[Chunk],
     verdict: asyncio.Future[Match],
     stats: JobStats,
+    known_tail: bytes | None = None,
 ) -> None:
     """Decide the format from the head (and tail) as they stream by, then pass the chunks on.
 
@@ -55,6 +56,8 @@ async def sniff_stage(
     elif eof:
         size = len(head)
         tail = bytes(head[-TAIL_BYTES:])
+    elif known_tail is not None:
+        tail = known_tail  # read by the runner while planning
     elif size is not None and source.ranged:
         tail = await source.read_range(size - TAIL_BYTES, TAIL_BYTES)
     match = sniff.decide(bytes(head), tail, size)

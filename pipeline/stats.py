@@ -23,6 +23,7 @@ class JobStats:
     virtual_size: int = 0
     output_size: int = 0
     requests: int = 0
+    bytes_fetched: int = 0
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
 
@@ -46,6 +47,7 @@ class JobStats:
             "zero_bytes_skipped": self.zero_bytes_skipped,
             "output_size": self.output_size,
             "source_requests": self.requests,
+            "source_bytes_fetched": self.bytes_fetched,
             "seconds": round(secs, 3),
             "mb_per_s": round(self.bytes_read / secs / 1e6, 1) if secs > 0 else 0.0,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.errors import NotThisFormat, UnsafeImage, UnsupportedImage
 from pipeline.formats.base import Match
 from pipeline.formats.probes import DECODABLE, PROBES, TAIL_BYTES
+from pipeline.formats.registry import DECODERS
 
 # Pairs that really do occur together in good images and are decoded as the first element.
 BENIGN = {frozenset({"iso", "raw"})}
@@ -30,7 +31,7 @@ def decide(head: bytes, tail: bytes | None, size: int | None) -> Match:
     if not matches:
         return Match("raw")
     chosen = real[0] if real else matches[0]
-    if chosen.format not in DECODABLE:
+    if chosen.format not in DECODABLE and chosen.format not in DECODERS:
         raise UnsupportedImage(
             f"input is a {chosen.describe()} image; this version of imgpipe does not convert "
             f"{chosen.format} yet (it is refused rather than copied as a raw disk)"

@@ -51,6 +51,16 @@ class Source(ABC):
     async def read_range(self, offset: int, length: int) -> bytes:
         raise SourceError(f"{self.spec}: this source cannot read byte ranges")
 
+    async def read_into(self, offset: int, view: memoryview) -> int:
+        """Fill `view` from `offset`; returns the bytes that landed (short only at the end)."""
+        data = await self.read_range(offset, len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    async def peek_head(self, pool: BufferPool) -> bytes:
+        """Bytes from offset 0 that are already here (no request made); empty for most sources."""
+        return b""
+
     async def close(self) -> None:
         return None
 
@@ -70,6 +80,8 @@ class RangedSource(Source):
     SourceError for the rest.
     """
 
+    _stashed: Chunk | None = None
+
     @abstractmethod
     def _range_pieces(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Body bytes of [start, end) of the pinned version, as they arrive."""
@@ -77,6 +89,15 @@ class RangedSource(Source):
     async def _first_chunk(self, pool: BufferPool) -> Chunk | None:
         """Hook: a subclass that already holds the first response body returns it as a chunk."""
         return None
+
+    async def peek_head(self, pool: BufferPool) -> bytes:
+        """The bytes the first response already brought (HTTP), for sniffing without a second request;
+        produce() still delivers them as its first chunk."""
+        first = await self._first_chunk(pool)
+        if first is None:
+            return b""
+        self._stashed = first
+        return bytes(first.view())
 
     async def _read_into(self, view: memoryview, offset: int) -> int:
         """One request for bytes [offset, offset + len(view)) into `view`; returns the bytes that
@@ -117,31 +138,40 @@ class RangedSource(Source):
 
     async def _fill(self, chunk: Chunk, offset: int, length: int) -> Chunk:
         view = chunk.space(0, length)
-        got = 0
-        failures = 0
         try:
-            while got < length:
-                try:
-                    n = await self._read_into(view[got:], offset + got)
-                    got += n
-                    self.bytes_fetched += n
-                    if got < length:
-                        raise TransientReadError(f"body ended after {got} of {length} bytes")
-                except TransientReadError as exc:
-                    got += exc.received
-                    self.bytes_fetched += exc.received
-                    exc.received = 0
-                    failures += 1
-                    if failures > self.settings.retries:
-                        raise SourceError(
-                            f"{self.spec}: reading bytes {offset + got}-{offset + length - 1} failed "
-                            f"{failures} times, last: {exc}"
-                        ) from None
-                    await asyncio.sleep(self.settings.retry_backoff * 2 ** (failures - 1))
+            await self._fill_view(view, offset)
         finally:
             view.release()
         chunk.length = length
         return chunk
+
+    async def read_into(self, offset: int, view: memoryview) -> int:
+        await self._fill_view(view, offset)
+        return len(view)
+
+    async def _fill_view(self, view: memoryview, offset: int) -> None:
+        """Fill all of `view` with bytes [offset, offset + len(view)), resuming after drops."""
+        length = len(view)
+        got = 0
+        failures = 0
+        while got < length:
+            try:
+                n = await self._read_into(view[got:], offset + got)
+                got += n
+                self.bytes_fetched += n
+                if got < length:
+                    raise TransientReadError(f"body ended after {got} of {length} bytes")
+            except TransientReadError as exc:
+                got += exc.received
+                self.bytes_fetched += exc.received
+                exc.received = 0
+                failures += 1
+                if failures > self.settings.retries:
+                    raise SourceError(
+                        f"{self.spec}: reading bytes {offset + got}-{offset + length - 1} failed "
+                        f"{failures} times, last: {exc}"
+                    ) from None
+                await asyncio.sleep(self.settings.retry_backoff * 2 ** (failures - 1))
 
     async def read_range(self, offset: int, length: int) -> bytes:
         chunk = Chunk(None, bytearray(length), 0)
@@ -151,7 +181,9 @@ class RangedSource(Source):
     async def produce(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
         assert self.size is not None
         size, step = self.size, pool.size
-        first = await self._first_chunk(pool)
+        first, self._stashed = self._stashed, None
+        if first is None:
+            first = await self._first_chunk(pool)
         next_off = 0
         if first is not None:
             next_off = first.length

@@ -69,6 +69,14 @@ class FileSource(Source):
         self.bytes_fetched += len(data)
         return data
 
+    async def read_into(self, offset: int, view: memoryview) -> int:
+        if not self.ranged:
+            return await super().read_into(offset, view)
+        got: int = await asyncio.to_thread(_pread_full, self._f.fileno(), view, offset)
+        self.requests += 1
+        self.bytes_fetched += got
+        return got
+
     async def produce(self, pool: BufferPool, out: ClosableQueue[Chunk], on_bytes: OnBytes) -> None:
         if self.ranged and self.size is not None:
             await self._produce_positional(pool, out, on_bytes, self.size)

@@ -1,0 +1,203 @@
+"""The decode stage for sparse formats: a decoder's pieces become guest windows for zero-skip.
+
+The guest disk is cut into windows of `chunk_size` bytes (whole output clusters). A window with no
+stored piece travels as one zero extent, without a buffer. Any other window gets a pooled buffer:
+plain pieces are read straight into their place in it (neighbours that are contiguous in the file
+become one read), codec pieces are read as one range per run and decoded on a worker thread, and
+the holes are zero-filled. With a ranged reader several windows are read at once and passed on in
+order; a stream reader is forward only, so one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pipeline.aqueue import ClosableQueue
+from pipeline.buffers import BufferPool, Chunk
+from pipeline.errors import CorruptImage
+from pipeline.formats.layout import Decoder, ImageReader, Piece
+from pipeline.messages import Batch, Extent
+from pipeline.stats import JobStats
+
+
+@dataclass(slots=True)
+class Part:
+    """The slice [skip, skip + take) of a piece's guest bytes, at `at` in its window."""
+
+    piece: Piece
+    at: int
+    skip: int
+    take: int
+
+
+async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple[int, int, list[Part]]]:
+    """(window start, window length, parts) for every window of [0, size), checking the pieces."""
+    pos = 0  # guest offset every later piece must start at or after
+    start = 0
+    parts: list[Part] = []
+    file_size = decoder.reader.size
+    async for p in decoder.pieces():
+        if p.length <= 0 or p.guest < pos or p.guest + p.length > size:
+            raise CorruptImage(
+                f"{decoder.format}: a table maps guest bytes {p.guest}-{p.guest + p.length - 1} out of "
+                f"order, twice, or beyond the {size}-byte disk"
+            )
+        if not p.zero:
+            # A codec piece's stored length is an upper bound that may pass the end (sector rounding).
+            end = p.file + (1 if p.codec else p.length)
+            if p.file < 0 or (p.codec and p.stored <= 0) or (file_size is not None and end > file_size):
+                raise CorruptImage(
+                    f"{decoder.format}: guest bytes at {p.guest} are mapped to file offset {p.file}, "
+                    f"outside the {file_size}-byte file"
+                )
+        pos = p.guest + p.length
+        if p.zero:
+            continue
+        skip = 0
+        while skip < p.length:
+            g = p.guest + skip
+            while g >= start + step:
+                yield start, min(step, size - start), parts
+                parts = []
+                start += step
+            take = min(p.length - skip, start + step - g)
+            parts.append(Part(p, g - start, skip, take))
+            skip += take
+    while start < size:
+        yield start, min(step, size - start), parts
+        parts = []
+        start += step
+
+
+_ZEROS = bytes(1024 * 1024)
+
+
+def _zero_fill(chunk: Chunk, a: int, b: int) -> None:
+    while a < b:
+        n = min(b - a, len(_ZEROS))
+        chunk.space(a, a + n)[:] = _ZEROS[:n]
+        a += n
+
+
+def _decode_all(decoder: Decoder, jobs: list[tuple[Part, memoryview]], chunk: Chunk) -> None:
+    """Runs on a worker thread: decode codec pieces and copy their parts into the window."""
+    for part, stored in jobs:
+        p = part.piece
+        data = decoder.decode(p, stored)
+        if len(data) != p.length:
+            raise CorruptImage(
+                f"{decoder.format}: a compressed run at guest {p.guest} decodes to "
+                f"{len(data)} bytes, not {p.length}"
+            )
+        chunk.space(part.at, part.at + part.take)[:] = memoryview(data)[part.skip : part.skip + part.take]
+
+
+async def fill_window(
+    decoder: Decoder, reader: ImageReader, chunk: Chunk, length: int, parts: list[Part]
+) -> Chunk:
+    try:
+        await _fill(decoder, reader, chunk, length, parts)
+    except BaseException:
+        chunk.release()
+        raise
+    return chunk
+
+
+async def _fill(decoder: Decoder, reader: ImageReader, chunk: Chunk, length: int, parts: list[Part]) -> None:
+    chunk.length = length
+    filled = 0
+    jobs: list[tuple[Part, memoryview]] = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        p = part.piece
+        if part.at > filled:
+            _zero_fill(chunk, filled, part.at)
+        if not p.codec:
+            # Merge the following plain parts that continue this one both in the window and in the file.
+            at, file_off, n = part.at, p.file + part.skip, part.take
+            j = i + 1
+            while j < len(parts):
+                q = parts[j]
+                if q.piece.codec or q.at != at + n or q.piece.file + q.skip != file_off + n:
+                    break
+                n += q.take
+                j += 1
+            await reader.read_into(file_off, chunk.space(at, at + n))
+            filled = at + n
+            i = j
+            continue
+        # A run of codec pieces whose stored bytes touch or overlap: one read for all of them.
+        lo, hi = p.file, p.file + p.stored
+        j = i + 1
+        while j < len(parts):
+            nxt = parts[j].piece
+            if not nxt.codec or nxt.file > hi or nxt.file < lo:
+                break
+            hi = max(hi, nxt.file + nxt.stored)
+            j += 1
+        if reader.size is not None:
+            hi = min(hi, reader.size)  # a last compressed cluster's sector count may pass the end
+        raw = memoryview(await reader.read(lo, hi - lo))
+        for k in range(i, j):
+            cp = parts[k].piece
+            if parts[k].at > filled:
+                _zero_fill(chunk, filled, parts[k].at)
+            jobs.append((parts[k], raw[cp.file - lo : cp.file - lo + cp.stored]))
+            filled = parts[k].at + parts[k].take
+        i = j
+    if filled < length:
+        _zero_fill(chunk, filled, length)
+    if jobs:
+        await asyncio.to_thread(_decode_all, decoder, jobs, chunk)
+
+
+async def decode_stage(
+    decoder: Decoder,
+    pool: BufferPool,
+    outq: ClosableQueue[Batch],
+    concurrency: int,
+    stats: JobStats,
+) -> None:
+    """Walk the decoder's windows in guest order and pass them on, `concurrency` reads at a time."""
+    reader = decoder.reader
+    size = decoder.info.virtual_size
+    stats.virtual_size = size
+    async with asyncio.TaskGroup() as tg:
+        inflight: deque[tuple[int, int, asyncio.Task[Chunk] | None]] = deque()
+
+        async def pass_oldest() -> None:
+            start, length, pending = inflight.popleft()
+            if pending is None:
+                await outq.put(Batch([Extent(start, length)]))
+                return
+            chunk = await pending
+            await outq.put(Batch([Extent(start, length, chunk, chunk.base)], [chunk]))
+
+        try:
+            async for start, length, parts in windows(decoder, size, pool.size):
+                if not parts:
+                    inflight.append((start, length, None))
+                elif not reader.ranged:
+                    # Forward only: the window's reads must not interleave with the decoder's.
+                    while inflight:
+                        await pass_oldest()
+                    chunk = await fill_window(decoder, reader, await pool.chunk(), length, parts)
+                    await outq.put(Batch([Extent(start, length, chunk, chunk.base)], [chunk]))
+                    continue
+                else:
+                    chunk = await pool.chunk()
+                    task = tg.create_task(fill_window(decoder, reader, chunk, length, parts))
+                    inflight.append((start, length, task))
+                while len(inflight) > concurrency or (inflight and inflight[0][2] is None):
+                    await pass_oldest()
+            while inflight:
+                await pass_oldest()
+        finally:
+            for _, _, left in inflight:
+                if left is not None and left.done() and not left.cancelled() and left.exception() is None:
+                    left.result().release()
+    await outq.close()
