@@ -1,4 +1,4 @@
-"""Command line: `imgpipe convert SRC DST` (also `python -m pipeline convert`)."""
+"""Command line: `imgpipe convert SRC DST`, `imgpipe info SRC`, `imgpipe worker` (or `python -m pipeline`)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     c.add_argument("--job-id", help="bound to every log line of this job")
+    i = sub.add_parser(
+        "info",
+        help="describe an image (format, sizes, safety verdict) without converting it",
+        description="Sniff and check SRC as a conversion would, reading only its header and tables when "
+        "the source serves byte ranges. Exit 3 if the image would be refused.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument("src", metavar="SRC")
+    i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    i.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    i.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
     w = sub.add_parser(
         "worker",
         help="convert jobs from an SQS queue (job messages and S3 event notifications)",
@@ -161,11 +173,34 @@ def _worker(ns: argparse.Namespace) -> int:
         return exc.exit_status
 
 
+def _info(ns: argparse.Namespace) -> int:
+    from pipeline.info import describe, human
+
+    try:
+        settings = from_env(endpoint_url=ns.endpoint_url, progress=False, log_level=ns.log_level)
+    except UsageError as exc:
+        print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_status
+    log.configure(settings.log_level)
+    try:
+        d = asyncio.run(describe(ns.src, settings))
+    except ImgpipeError as exc:
+        details = getattr(exc, "details", None)
+        if details is not None:
+            print(json.dumps(details, sort_keys=True) if ns.json else human(details))
+        print(f"imgpipe: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_status
+    print(json.dumps(d, sort_keys=True) if ns.json else human(d))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command == "worker":
         return _worker(ns)
+    if ns.command == "info":
+        return _info(ns)
     try:
         settings = settings_from_args(ns)
     except UsageError as exc:

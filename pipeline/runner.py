@@ -200,10 +200,10 @@ async def convert(
                 f"source is {source.size} bytes, over the virtual-size cap of "
                 f"{settings.max_virtual_size / TiB:g} TiB; raise IMGPIPE_MAX_VIRTUAL_SIZE if expected"
             )
-        plan: _Plan | None = None
+        plan: Plan | None = None
         if hooks is None or hooks.on_chunk is None:
             # A hook that must see every source byte in order keeps the job on the stream path.
-            plan = await _plan_ranged(source, settings, stats, pool, s3, siblings)
+            plan = await plan_ranged(source, settings, stats, pool, s3, siblings)
         vsize = plan.decoder.info.virtual_size if plan and plan.decoder else source.size
         bound: int | None = None
         if vsize is not None:
@@ -240,7 +240,7 @@ async def convert(
 
 
 @dataclass(slots=True)
-class _Plan:
+class Plan:
     """What a ranged source's head and tail said, decided before the sink is opened."""
 
     match: Match
@@ -268,9 +268,9 @@ def _sibling_opener(
     return open_sibling
 
 
-async def _plan_ranged(
+async def plan_ranged(
     source: Any, settings: Settings, stats: JobStats, pool: BufferPool, s3: S3Context, siblings: list[Any]
-) -> _Plan | None:
+) -> Plan | None:
     """With ranges: sniff from the head and tail, and open a sparse format's decoder (its header and
     first tables are ranged reads; the data is never streamed past)."""
     size = source.size
@@ -293,15 +293,17 @@ async def _plan_ranged(
         raise
     stats.source_format, stats.source_detail = match.format, match.detail
     if match.format not in DECODERS:
-        return _Plan(match, tail, None)
-    reader = RangedReader(source, prefix, stats.read, _sibling_opener(source, settings, s3, siblings, stats))
+        return Plan(match, tail, None)
+    reader = RangedReader(
+        source, prefix or head, stats.read, _sibling_opener(source, settings, s3, siblings, stats)
+    )
     decoder = DECODERS[match.format](reader, settings)
     try:
         await decoder.open()
     except ImgpipeError as exc:
         exc.stage = exc.stage or "decode"
         raise
-    return _Plan(match, tail, decoder)
+    return Plan(match, tail, decoder)
 
 
 async def _open_source(source: Any) -> None:
@@ -352,7 +354,7 @@ async def _run_stages(
     stats: JobStats,
     pool: BufferPool,
     s3: S3Context,
-    plan: _Plan | None = None,
+    plan: Plan | None = None,
     hooks: JobHooks | None = None,
 ) -> None:
     depth = settings.queue_depth

@@ -73,6 +73,9 @@ async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple
 
 
 _ZEROS = bytes(1024 * 1024)
+# Bytes between two needed ranges that are cheaper to fetch than a second request (a table between
+# data runs, a cluster whose subclusters are all zero); bytes are still never fetched twice.
+READ_THROUGH_GAP = 256 * 1024
 
 
 def _zero_fill(chunk: Chunk, a: int, b: int) -> None:
@@ -110,44 +113,51 @@ async def _fill(decoder: Decoder, reader: ImageReader, chunk: Chunk, length: int
     chunk.length = length
     filled = 0
     jobs: list[tuple[Part, memoryview]] = []
+    size = reader.size
+    # A forward-only reader keeps what it skips, not what it reads: never read through a gap there,
+    # the gap may hold the data of a later window (qemu packs compressed clusters before plain ones).
+    gap = READ_THROUGH_GAP if reader.ranged else 0
     i = 0
     while i < len(parts):
-        part = parts[i]
-        p = part.piece
-        if part.at > filled:
-            _zero_fill(chunk, filled, part.at)
-        if not p.codec:
-            # Merge the following plain parts that continue this one both in the window and in the file.
-            at, file_off, n = part.at, p.file + part.skip, part.take
-            j = i + 1
-            while j < len(parts):
-                q = parts[j]
-                if q.piece.codec or q.at != at + n or q.piece.file + q.skip != file_off + n:
-                    break
-                n += q.take
-                j += 1
-            await reader.read_into(file_off, chunk.space(at, at + n))
-            filled = at + n
-            i = j
-            continue
-        # A run of codec pieces whose stored bytes touch or overlap: one read for all of them.
-        lo, hi = p.file, p.file + p.stored
+        # The parts that go on forward in the file, across at most a small gap of bytes we do not
+        # need (compressed runs may overlap by part of a sector): one request for all of them.
+        first = parts[i]
+        lo = first.piece.file + (first.skip if not first.piece.codec else 0)
+        hi = lo + (first.take if not first.piece.codec else first.piece.stored)
+        direct = not first.piece.codec
         j = i + 1
         while j < len(parts):
-            nxt = parts[j].piece
-            if not nxt.codec or nxt.file > hi or nxt.file < lo:
+            q = parts[j]
+            q_lo = q.piece.file + (q.skip if not q.piece.codec else 0)
+            if not lo <= q_lo <= hi + gap:
                 break
-            hi = max(hi, nxt.file + nxt.stored)
+            q_hi = q_lo + (q.take if not q.piece.codec else q.piece.stored)
+            direct = direct and not q.piece.codec and q_lo == hi and q.at == first.at + (hi - lo)
+            hi = max(hi, q_hi)
             j += 1
-        if reader.size is not None:
-            hi = min(hi, reader.size)  # a last compressed cluster's sector count may pass the end
-        raw = memoryview(await reader.read(lo, hi - lo))
+        if size is not None:
+            hi = min(hi, size)  # a last compressed cluster's sector count may pass the end
+        if direct:
+            # Plain bytes contiguous in the file and in the window: straight into place.
+            if first.at > filled:
+                _zero_fill(chunk, filled, first.at)
+            await reader.read_into(lo, chunk.space(first.at, first.at + hi - lo))
+            filled = first.at + hi - lo
+            i = j
+            continue
+        scratch = memoryview(bytearray(hi - lo))
+        await reader.read_into(lo, scratch)
         for k in range(i, j):
-            cp = parts[k].piece
-            if parts[k].at > filled:
-                _zero_fill(chunk, filled, parts[k].at)
-            jobs.append((parts[k], raw[cp.file - lo : cp.file - lo + cp.stored]))
-            filled = parts[k].at + parts[k].take
+            q = parts[k]
+            if q.at > filled:
+                _zero_fill(chunk, filled, q.at)
+            off = q.piece.file - lo
+            if q.piece.codec:
+                jobs.append((q, scratch[off : off + q.piece.stored]))
+            else:
+                off += q.skip
+                chunk.space(q.at, q.at + q.take)[:] = scratch[off : off + q.take]
+            filled = q.at + q.take
         i = j
     if filled < length:
         _zero_fill(chunk, filled, length)

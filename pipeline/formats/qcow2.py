@@ -111,6 +111,14 @@ class Qcow2Decoder(Decoder):
                 "compression_type": self.codec,
                 "snapshots": h.nb_snapshots,
                 "l1_entries_allocated": sum(1 for e in self.l1 if e & L1E_OFFSET_MASK),
+                "checks": [
+                    "no backing file",
+                    "no external data file",
+                    "not encrypted",
+                    "no unknown incompatible features",
+                    f"virtual size within the {self.settings.max_virtual_size / TiB:g} TiB cap",
+                    "L1 and refcount tables aligned, inside the file, not overlapping",
+                ],
             },
         )
         return self.info

@@ -54,22 +54,20 @@ class RangedReader(ImageReader):
             raise _truncated(offset, length, self.size)
 
     async def read(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        if offset + length <= len(self.prefix):
-            return self.prefix[offset : offset + length]
-        data = await self.source.read_range(offset, length)
-        if len(data) != length:
-            raise _truncated(offset, length, offset + len(data))
-        if self.on_bytes is not None:
-            self.on_bytes(length)
-        return data
+        out = bytearray(length)
+        await self.read_into(offset, memoryview(out))
+        return bytes(out)
 
     async def read_into(self, offset: int, view: memoryview) -> None:
         length = len(view)
         self._check(offset, length)
-        if offset + length <= len(self.prefix):
-            view[:] = self.prefix[offset : offset + length]
-            return
+        if offset < len(self.prefix):
+            # The first response's bytes are already here: use them, fetch only the rest.
+            n = min(length, len(self.prefix) - offset)
+            view[:n] = self.prefix[offset : offset + n]
+            offset, view, length = offset + n, view[n:], length - n
+            if not length:
+                return
         got = await self.source.read_into(offset, view)
         if got != length:
             raise _truncated(offset, length, offset + got)

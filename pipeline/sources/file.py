@@ -72,7 +72,8 @@ class FileSource(Source):
     async def read_into(self, offset: int, view: memoryview) -> int:
         if not self.ranged:
             return await super().read_into(offset, view)
-        got: int = await asyncio.to_thread(_pread_full, self._f.fileno(), view, offset)
+        # _pread_full releases the view it gets: hand it its own, the caller keeps using `view`.
+        got: int = await asyncio.to_thread(_pread_full, self._f.fileno(), view[:], offset)
         self.requests += 1
         self.bytes_fetched += got
         return got
