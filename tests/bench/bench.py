@@ -15,10 +15,13 @@ Rows (each a median of --runs runs, ours and the peer interleaved; see README_be
   zlib        file -> compressed qcow2: ours --compress zlib vs `qemu-img convert -c`     ratio <= 0.3
   zstd        the same with zstd vs `qemu-img convert -c -o compression_type=zstd`       ratio <= 0.6
               (both: output size within 5 % of qemu-img's, ours checked with qemu-img check + compare)
+  fmt-F       file -> file from input format F (qcow2, qcow2-zlib, vmdk, vmdk-stream, vhd, vhdx, vdi;
+              the 4 GiB disk converted by qemu-img): ours vs `qemu-img convert -O qcow2`   ratio <= 2.0
+  fmts3-F     nginx -> S3 from format F (1 GiB disk): ours' peak RSS <= 200 MiB, bytes fetched / file size
   soak        200 small jobs through 2 `imgpipe worker` processes (moto S3 + SQS): jobs/s,
               p50/p95 latency; 0 failures and each worker's RSS after 200 within 10 % of after 20
 Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io,
-compress (zlib + zstd), soak; or row names.
+compress (zlib + zstd), formats (fmt-*), formats-s3 (fmts3-*), soak; or row names.
 The S3 rows run once per store: moto's server and Ceph RADOS Gateway (ceph-rgw-up.sh; --no-ceph: moto only,
 --no-moto: Ceph only), each row named row/store, e.g. s3-s3/ceph.
 Targets are reported, never asserted: exit status 0 even when one is MISSED; 1 when a row could not be
@@ -62,11 +65,32 @@ GROUPS: dict[str, list[str]] = {
     "rss": ["rss-1g", "rss-16g", "rss-delta"],
     "io": ["io"],
     "compress": ["zlib", "zstd"],
+    "formats": [
+        "fmt-qcow2",
+        "fmt-qcow2-zlib",
+        "fmt-vmdk",
+        "fmt-vmdk-stream",
+        "fmt-vhd",
+        "fmt-vhdx",
+        "fmt-vdi",
+    ],
+    "formats-s3": ["fmts3-qcow2", "fmts3-vmdk-stream", "fmts3-vhd", "fmts3-vhdx", "fmts3-vdi"],
     "soak": ["soak"],
 }
+# Input formats: row suffix -> (qemu-img -O format, its options, file extension).
+FORMATS: dict[str, tuple[str, list[str], str]] = {
+    "qcow2": ("qcow2", [], "qcow2"),
+    "qcow2-zlib": ("qcow2", ["-c"], "zlib.qcow2"),
+    "vmdk": ("vmdk", ["-o", "subformat=monolithicSparse"], "vmdk"),
+    "vmdk-stream": ("vmdk", ["-o", "subformat=streamOptimized"], "stream.vmdk"),
+    "vhd": ("vpc", ["-o", "subformat=dynamic"], "vhd"),
+    "vhdx": ("vhdx", ["-o", "subformat=dynamic"], "vhdx"),
+    "vdi": ("vdi", [], "vdi"),
+}
 ALL_ROWS = [r for rows in GROUPS.values() for r in rows]
-S3_ROWS = {"http-s3", "s3-s3", "rss-1g", "rss-16g", "rss-delta", "io"}
-HTTP_ROWS = {"http", "http-s3", "rss-1g", "rss-16g", "rss-delta", "io"}
+FMT_S3_ROWS = set(GROUPS["formats-s3"])
+S3_ROWS = {"http-s3", "s3-s3", "rss-1g", "rss-16g", "rss-delta", "io"} | FMT_S3_ROWS
+HTTP_ROWS = {"http", "http-s3", "rss-1g", "rss-16g", "rss-delta", "io"} | FMT_S3_ROWS
 
 _t0 = time.monotonic()
 
@@ -443,6 +467,99 @@ def row_compressed(ctx: Ctx, name: str) -> Row:
     return row
 
 
+def format_image(ctx: Ctx, base: str, fmt: str) -> Path:
+    """`base` (an ImageSet name) converted to an input format by qemu-img, built once and cached beside it."""
+    qfmt, opts, ext = FORMATS[fmt]
+    src = ctx.images.path(base)
+    out = src.with_name(f"{base}.{ext}")
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        log(f"building {out.name} (qemu-img convert -O {qfmt} {' '.join(opts)})")
+        tmp = out.with_name(out.name + ".tmp")
+        subprocess.run(["qemu-img", "convert", "-O", qfmt, *opts, str(src), str(tmp)], check=True)
+        tmp.rename(out)
+    return out
+
+
+def fetched_note(summary: dict[str, Any], file_size: int) -> str:
+    got = int(summary.get("source_bytes_fetched") or 0)
+    return (
+        f"bytes fetched / file size: {got / file_size:.3f} ({fmt_bytes(got)} of {fmt_bytes(file_size)}, "
+        f"{summary.get('source_requests')} requests)"
+    )
+
+
+def row_format(ctx: Ctx, fmt: str) -> Row:
+    """File -> file from an input format: ours vs qemu-img convert -O qcow2 from the same file."""
+    qfmt = FORMATS[fmt][0]
+    vsize = ctx.images.images["img4g"].virtual_size
+    img = format_image(ctx, "img4g", fmt)
+    row = Row(
+        f"fmt-{fmt}",
+        f"file -> file from {fmt} (4 GiB disk, {fmt_bytes(img.stat().st_size)} file)",
+        "ratio <= 2.0",
+        source_bytes=img.stat().st_size,
+        peer_title=f"qemu-img convert -f {qfmt} -O qcow2",
+    )
+    out = ctx.outdir / "ours-fmt.qcow2"
+    pout = ctx.outdir / "peer-fmt.qcow2"
+    env = ctx.child_env()
+    warm_cache([img])
+
+    def ours(i: int) -> Measure:
+        out.unlink(missing_ok=True)
+        m = ctx.run(ctx.ours_cmd(str(img), str(out)), env, f"{row.name} ours {ctx.label(i)}")
+        if i == 0:
+            summary = summary_of(m)
+            row.notes.append(check_local(out, vsize, summary))
+            cmp = subprocess.run(
+                ["qemu-img", "compare", "-f", qfmt, str(img), str(out)], capture_output=True, text=True
+            )
+            if cmp.returncode != 0:
+                raise RowError(f"qemu-img compare {img.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            row.notes.append(fetched_note(summary, img.stat().st_size))
+        out.unlink(missing_ok=True)
+        return m
+
+    def peer(i: int) -> Measure:
+        pout.unlink(missing_ok=True)
+        m = ctx.run(
+            ["qemu-img", "convert", "-f", qfmt, "-O", "qcow2", str(img), str(pout)],
+            env,
+            f"{row.name} peer {ctx.label(i)}",
+        )
+        pout.unlink(missing_ok=True)
+        return m
+
+    interleave(ctx, row, ours, peer)
+    if row.ratio is not None:
+        row.passed = row.ratio <= 2.0
+    return row
+
+
+def row_format_s3(ctx: Ctx, server: S3Server, s3: S3, fmt: str) -> Row:
+    """nginx (ranged) -> S3 from an input format, 1 GiB disk: peak RSS and bytes fetched / file size."""
+    assert ctx.nginx is not None
+    img = format_image(ctx, "img1g", fmt)
+    row = s3_convert_row(
+        ctx,
+        server,
+        s3,
+        f"fmts3-{fmt}",
+        ctx.nginx.url(img.name),
+        "img1g",
+        False,
+        f"HTTP -> S3 ({server.name}) from {fmt}, 1 GiB disk: peak RSS",
+        "RSS <= 200 MiB",
+    )
+    assert row.ours is not None
+    row.value = row.ours.rss
+    row.passed = row.ours.rss <= 200 * MIB
+    runs = ctx.ours_runs.get((server.name, f"fmts3-{fmt}")) or []
+    if runs:
+        row.notes.append(fetched_note(summary_of(runs[0]), img.stat().st_size))
+    return row
+
+
 def row_http(ctx: Ctx) -> Row:
     assert ctx.nginx is not None
     vsize = ctx.images.images["img4g"].virtual_size
@@ -655,6 +772,8 @@ def rows_s3(ctx: Ctx, server: S3Server, wanted: list[str], results: list[Row]) -
                     row.notes.append(
                         "source served from a sparse 16 GiB file (holes arrive as zeros over HTTP)"
                     )
+            elif name in FMT_S3_ROWS:
+                row = row_format_s3(ctx, server, s3, name.removeprefix("fmts3-"))
             elif name == "rss-delta":
                 row = rss_delta(ctx, server, results)
             elif name == "io":
@@ -1091,6 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
             warm_cache([images.path(n) for n in warm])
             local: list[tuple[str, Callable[[Ctx], Row]]] = [("file", row_file), ("http", row_http)]
             local += [(n, functools.partial(row_compressed, name=n)) for n in COMPRESSED]
+            local += [(f"fmt-{f}", functools.partial(row_format, fmt=f)) for f in FORMATS]
             for name, fn in local:
                 if name in args.row_names:
                     try:
