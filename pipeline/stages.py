@@ -18,7 +18,7 @@ from pipeline.buffers import Chunk
 from pipeline.errors import UnsafeImage
 from pipeline.formats import sniff
 from pipeline.formats.base import Match
-from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
+from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES, VHD_FOOTER
 from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.qcow2.compress import make_compressor
 from pipeline.qcow2.writer import Qcow2Writer
@@ -87,20 +87,63 @@ async def sniff_stage(
 async def raw_decode_stage(
     inq: ClosableQueue[Chunk], outq: ClosableQueue[Batch], settings: Settings, stats: JobStats
 ) -> None:
-    """Raw and ISO: the file is the guest disk, byte for byte."""
+    """Raw and ISO: the file is the guest disk, byte for byte.
+
+    The last chunks are held back until EOF, so that a footer-only format seen there (a fixed VHD
+    from a sequential source) is trimmed off instead of becoming guest data.
+    """
     offset = 0
     cap = settings.max_virtual_size
-    async for chunk in inq:
-        if offset + chunk.length > cap:
+    held: deque[Chunk] = deque()
+    held_bytes = 0
+    try:
+        async for chunk in inq:
+            if offset + held_bytes + chunk.length > cap:
+                chunk.release()
+                raise UnsafeImage(
+                    f"image is larger than the virtual-size cap of {cap / TiB:g} TiB; "
+                    "raise IMGPIPE_MAX_VIRTUAL_SIZE if this is expected"
+                )
+            held.append(chunk)
+            held_bytes += chunk.length
+            while held_bytes - held[0].length >= TAIL_BYTES:
+                first = held.popleft()
+                held_bytes -= first.length
+                await outq.put(Batch([Extent(offset, first.length, first, first.base)], [first]))
+                offset += first.length
+        total = offset + held_bytes
+        end = total
+        if held_bytes:
+            tail = b"".join(bytes(c.view()) for c in held)[-TAIL_BYTES:]
+            guest = _trailing_footer(tail, total)
+            if guest is not None:
+                stats.source_format, stats.source_detail = "vhd", "fixed"
+                end = min(guest, total - VHD_FOOTER)
+                stats.virtual_size = guest
+        while held:
+            chunk = held.popleft()
+            n = max(0, min(chunk.length, end - offset))
+            if n:
+                await outq.put(Batch([Extent(offset, n, chunk, chunk.base)], [chunk]))
+            else:
+                chunk.release()
+            offset += chunk.length
+        stats.virtual_size = stats.virtual_size or end
+    finally:
+        for chunk in held:
             chunk.release()
-            raise UnsafeImage(
-                f"image is larger than the virtual-size cap of {cap / TiB:g} TiB; "
-                "raise IMGPIPE_MAX_VIRTUAL_SIZE if this is expected"
-            )
-        await outq.put(Batch([Extent(offset, chunk.length, chunk, chunk.base)], [chunk]))
-        offset += chunk.length
-    stats.virtual_size = offset
     await outq.close()
+
+
+def _trailing_footer(tail: bytes, size: int) -> int | None:
+    """The guest size if the stream ended with a footer of a decodable format, else None."""
+    from pipeline.formats.registry import DECODERS
+
+    for decoder in DECODERS.values():
+        guest = decoder.trailing_footer(tail, size)
+        if guest is not None:
+            return guest
+    return None
 
 
 class ZeroSkipper:

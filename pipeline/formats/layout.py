@@ -105,6 +105,14 @@ class Decoder(ABC):
         self.settings = settings
         self.info = ImageInfo(self.format)
 
+    @classmethod
+    def trailing_footer(cls, tail: bytes, file_size: int) -> int | None:
+        """For a format that is raw guest data plus a footer at the very end (a fixed VHD): given
+        the file's last bytes, the guest size, or None if `tail` is not such a footer. Lets a
+        sequential source, which learns its end only at EOF, be read as raw and trimmed there.
+        Raise CorruptImage / UnsupportedImage for a footer of this format that is refused."""
+        return None
+
     @abstractmethod
     async def open(self) -> ImageInfo:
         """Read and validate the header (and whatever must come first); fill and return self.info.

@@ -20,8 +20,13 @@ def decide(head: bytes, tail: bytes | None, size: int | None) -> Match:
             matches.append(probe.probe(head, tail, size))
         except NotThisFormat:
             continue
-    formats = {m.format for m in matches}
     real = [m for m in matches if not m.marker]
+    # Markers (a GPT) only describe what a raw disk holds: they never make an image ambiguous.
+    formats = {m.format for m in real}
+    if formats == {"iso", "vhd"} and any(m.format == "vhd" and m.detail == "fixed" for m in real):
+        # A fixed VHD is raw data plus a footer: an ISO 9660 filesystem inside it is that data.
+        real = [m for m in real if m.format == "vhd"]
+        formats = {"vhd"}
     if len(formats) > 1 and formats not in BENIGN:
         found = " and ".join(sorted({m.describe() for m in matches}))
         raise UnsafeImage(
@@ -40,10 +45,11 @@ def decide(head: bytes, tail: bytes | None, size: int | None) -> Match:
 
 
 def check_tail(tail: bytes, size: int) -> None:
-    """Sequential sources learn their tail only at EOF: refuse then what the tail reveals."""
+    """Sequential sources learn their tail only at EOF: refuse then what the tail reveals (a format
+    with a decoder is the raw decode stage's business: it trims the footer, see stages.py)."""
     head = b""
     for probe in PROBES:
-        if not probe.tail:
+        if not probe.tail or probe.name in DECODERS:
             continue
         try:
             m = probe.probe(head, tail, size)
