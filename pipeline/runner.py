@@ -341,8 +341,11 @@ async def _stream_decode(
         info = await decoder.open()
         if settings.output_format == "qcow2":
             check_geometry(info.virtual_size, settings.cluster_size)
-        await decode_stage(decoder, pool, outq, 1, stats)
-        await reader.drain()
+
+        async def at_end() -> None:
+            decoder.check_end(await reader.drain())
+
+        await decode_stage(decoder, pool, outq, 1, stats, at_end)
     finally:
         reader.release()
 

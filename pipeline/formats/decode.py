@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from pipeline.aqueue import ClosableQueue
@@ -171,8 +171,12 @@ async def decode_stage(
     outq: ClosableQueue[Batch],
     concurrency: int,
     stats: JobStats,
+    on_end: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Walk the decoder's windows in guest order and pass them on, `concurrency` reads at a time."""
+    """Walk the decoder's windows in guest order and pass them on, `concurrency` reads at a time.
+
+    `on_end` runs after the last window and before the output queue closes: a failure there still
+    stops the output from being committed."""
     reader = decoder.reader
     size = decoder.info.virtual_size
     stats.virtual_size = size
@@ -210,4 +214,6 @@ async def decode_stage(
             for _, _, left in inflight:
                 if left is not None and left.done() and not left.cancelled() and left.exception() is None:
                     left.result().release()
+    if on_end is not None:
+        await on_end()
     await outq.close()

@@ -123,6 +123,11 @@ class Decoder(ABC):
         """Pieces in strictly ascending guest order, not overlapping, within [0, virtual_size).
         Gaps read as zeros. May read tables lazily through self.reader as it goes."""
 
+    def check_end(self, file_size: int) -> None:
+        """Called once the whole file has passed (sequential sources, whose size may be unknown
+        until EOF): refuse what depends on the size (tables that would lie past the end)."""
+        return None
+
     def decode(self, piece: Piece, stored: bytes | memoryview) -> bytes | memoryview:
         """Undo `piece.codec` on its stored bytes; return exactly piece.length bytes, or raise
         CorruptImage. May run in a worker thread: must not touch the reader or mutable state."""

@@ -202,6 +202,12 @@ class Qcow2Decoder(Decoder):
         if pos > end:
             raise CorruptImage("qcow2: a header extension runs past the end of the header cluster")
 
+    def check_end(self, file_size: int) -> None:
+        # A sequential source of unknown length learns the file size only now.
+        for name, (_, end) in zip(("L1 table", "refcount table"), self._tables, strict=True):
+            if end > file_size:
+                raise CorruptImage(f"qcow2: the {name} lies beyond the end of the {file_size}-byte file")
+
     def _overlaps_tables(self, offset: int, length: int) -> bool:
         return any(a < offset + length and offset < b for a, b in self._tables)
 
@@ -325,7 +331,7 @@ class Qcow2Decoder(Decoder):
             try:
                 # qemu deflates with a 4 KiB window; a wider one decodes the same streams.
                 data = _inflate.decompressobj(-15).decompress(stored, cs + 1)
-            except zlib.error as exc:
+            except (zlib.error, _inflate.error) as exc:
                 raise CorruptImage(
                     f"qcow2: compressed cluster at guest {piece.guest:#x} is broken: {exc}"
                 ) from None
@@ -333,8 +339,10 @@ class Qcow2Decoder(Decoder):
             import zstandard
 
             try:
-                # Bounded by one cluster: a frame that would expand further is an error here.
-                data = zstandard.ZstdDecompressor().decompress(bytes(stored), max_output_size=cs)
+                # A bounded streaming read: decompress() would trust a frame's declared content size
+                # and allocate it (a 128 KiB cluster entry can declare gigabytes).
+                with zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False) as r:
+                    data = r.read(cs + 1)
             except zstandard.ZstdError as exc:
                 raise CorruptImage(
                     f"qcow2: compressed cluster at guest {piece.guest:#x} is broken: {exc}"
