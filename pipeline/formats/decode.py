@@ -39,6 +39,7 @@ async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple
     start = 0
     parts: list[Part] = []
     file_size = decoder.reader.size
+    stored_plain = stored_codec = 0
     async for p in decoder.pieces():
         if p.length <= 0 or p.guest < pos or p.guest + p.length > size:
             raise CorruptImage(
@@ -56,6 +57,17 @@ async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple
         pos = p.guest + p.length
         if p.zero:
             continue
+        # Each stored byte may back one guest byte: tables that map one cluster at many guest offsets
+        # would turn a tiny upload into terabytes of output (a compressed run needs some bytes too).
+        if p.codec:
+            stored_codec += 1
+        else:
+            stored_plain += p.length
+        if file_size is not None and stored_plain + MIN_CODEC_BYTES * stored_codec > file_size:
+            raise CorruptImage(
+                f"{decoder.format}: the tables map more stored data than the {file_size}-byte file holds "
+                "(the same clusters at several guest offsets); refusing the amplification"
+            )
         skip = 0
         while skip < p.length:
             g = p.guest + skip
@@ -73,6 +85,7 @@ async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple
 
 
 _ZEROS = bytes(1024 * 1024)
+MIN_CODEC_BYTES = 8  # no compressed cluster or grain takes fewer bytes of the file
 # Bytes between two needed ranges that are cheaper to fetch than a second request (a table between
 # data runs, a cluster whose subclusters are all zero); bytes are still never fetched twice.
 READ_THROUGH_GAP = 256 * 1024

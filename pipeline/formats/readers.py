@@ -104,6 +104,8 @@ class StreamReader(ImageReader):
         # Skipped and recently read bytes: (file offset, bytes), oldest first, at most `window` + KEEP_LAST.
         self._kept: deque[tuple[int, bytes]] = deque()
         self._kept_bytes = 0
+        self._kept_total = 0  # bytes ever kept, and bytes served again from the window: a layout
+        self._served_again = 0  # that reads kept bytes more than once maps them twice (amplification)
         self.lost_below = 0  # bytes before this may have been dropped from the window
 
     async def _next_chunk(self) -> bool:
@@ -124,6 +126,7 @@ class StreamReader(ImageReader):
             return
         self._kept.append((offset, data))
         self._kept_bytes += len(data)
+        self._kept_total += len(data)
         while self._kept_bytes > self.window + KEEP_LAST and self._kept:
             off, old = self._kept.popleft()
             self._kept_bytes -= len(old)
@@ -152,6 +155,11 @@ class StreamReader(ImageReader):
         """Copy [offset, offset + len(dest)) from the window, which must hold all of it."""
         end = offset + len(dest)
         need = offset
+        self._served_again += len(dest)
+        if self._served_again > self._kept_total:
+            raise CorruptImage(
+                "the image's tables map the same bytes at several guest offsets; refusing the amplification"
+            )
         for off, data in self._kept:
             if off + len(data) <= need or off > need:
                 continue
