@@ -9,6 +9,7 @@ remedy (a range-capable source, a larger IMGPIPE_REORDER_BUFFER), never silently
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -102,7 +103,11 @@ class StreamReader(ImageReader):
         self._held: deque[Chunk] = deque(held or [])
         self._eof = False
         # Skipped and recently read bytes: (file offset, bytes), oldest first, at most `window` + KEEP_LAST.
-        self._kept: deque[tuple[int, bytes]] = deque()
+        # Kept segments in stream order (so ascending offsets); evicted from the front by advancing
+        # _first, compacted now and then. Parallel lists so a backward read can bisect the offsets.
+        self._kept_offs: list[int] = []
+        self._kept_data: list[bytes] = []
+        self._first = 0
         self._kept_bytes = 0
         self._kept_total = 0  # bytes ever kept, and bytes served again from the window: a layout
         self._served_again = 0  # that reads kept bytes more than once maps them twice (amplification)
@@ -124,13 +129,19 @@ class StreamReader(ImageReader):
     def _keep(self, offset: int, data: bytes) -> None:
         if not data:
             return
-        self._kept.append((offset, data))
+        self._kept_offs.append(offset)
+        self._kept_data.append(data)
         self._kept_bytes += len(data)
         self._kept_total += len(data)
-        while self._kept_bytes > self.window + KEEP_LAST and self._kept:
-            off, old = self._kept.popleft()
+        while self._kept_bytes > self.window + KEEP_LAST and self._first < len(self._kept_offs):
+            off, old = self._kept_offs[self._first], self._kept_data[self._first]
+            self._kept_data[self._first] = b""
+            self._first += 1
             self._kept_bytes -= len(old)
             self.lost_below = off + len(old)
+        if self._first > 1024 and self._first * 2 > len(self._kept_offs):
+            del self._kept_offs[: self._first], self._kept_data[: self._first]
+            self._first = 0
 
     async def _take(self, length: int, dest: memoryview | None, keep: bool) -> None:
         """Pass `length` bytes of the stream: copy into `dest` (if any), and keep them if `keep`."""
@@ -155,18 +166,23 @@ class StreamReader(ImageReader):
         """Copy [offset, offset + len(dest)) from the window, which must hold all of it."""
         end = offset + len(dest)
         need = offset
-        self._served_again += len(dest)
-        if self._served_again > self._kept_total:
-            raise CorruptImage(
-                "the image's tables map the same bytes at several guest offsets; refusing the amplification"
-            )
-        for off, data in self._kept:
-            if off + len(data) <= need or off > need:
+        offs, datas = self._kept_offs, self._kept_data
+        for k in range(max(self._first, bisect.bisect_right(offs, offset, self._first) - 1), len(offs)):
+            off, data = offs[k], datas[k]
+            if off > need:
+                break  # a gap: those bytes were never kept, or were let go
+            if off + len(data) <= need:
                 continue
             n = min(off + len(data), end) - need
             dest[need - offset : need - offset + n] = data[need - off : need - off + n]
             need += n
             if need == end:
+                self._served_again += len(dest)
+                if self._served_again > self._kept_total:
+                    raise CorruptImage(
+                        "the image's tables map the same bytes at several guest offsets; "
+                        "refusing the amplification"
+                    )
                 return
         raise UnsupportedImage(
             f"this image's layout needs bytes at offset {offset} again after the stream has passed them "
@@ -215,7 +231,9 @@ class StreamReader(ImageReader):
                 self._cur_off = self._cur.length
             if not await self._next_chunk():
                 break
-        self._kept.clear()
+        self._kept_offs.clear()
+        self._kept_data.clear()
+        self._first = 0
         self._kept_bytes = 0
         return self.pos
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from pipeline.formats.layout import Decoder
 from pipeline.formats.qcow2 import Qcow2Decoder
+from pipeline.formats.vdi import VdiDecoder
+from pipeline.formats.vhd import VhdDecoder
+from pipeline.formats.vmdk import VmdkDecoder
 
 DECODERS: dict[str, type[Decoder]] = {
     "qcow2": Qcow2Decoder,
+    "vhd": VhdDecoder,
+    "vdi": VdiDecoder,
+    "vmdk": VmdkDecoder,
 }
