@@ -59,12 +59,17 @@ def test_recognised_formats_are_refused_by_name(
     assert leftovers(tmp_path) == []
 
 
-def test_fixed_vhd_from_a_pipe_is_refused_at_eof(tmp_path: Path) -> None:
-    img = _qemu_create(tmp_path, "vpc", "-o", "subformat=fixed")
+def test_tail_only_format_from_a_pipe_is_refused_at_eof(tmp_path: Path) -> None:
+    """A format known only by its last bytes (an Apple DMG's "koly" trailer) is seen from a pipe only
+    at EOF: refused then, before anything is committed. (A fixed VHD's footer, at the same place, is
+    trimmed and converted: tests/test_fmt_vhd.py.)"""
+    raw = make_raw(tmp_path / "base.raw", 3 * MiB, seed=4)
+    img = tmp_path / "img.dmg"
+    img.write_bytes(raw.read_bytes() + b"koly" + bytes(508))
     dst = tmp_path / "out.qcow2"
     p = imgpipe("convert", "-", str(dst), stdin=img.read_bytes())
     assert p.returncode == 3
-    assert "vhd (fixed)" in error_line(p)
+    assert "dmg" in error_line(p)
     assert not dst.exists()
     assert leftovers(tmp_path) == []
 
