@@ -9,10 +9,12 @@ from pipeline.formats.layout import Decoder
 from pipeline.formats.qcow2 import Qcow2Decoder
 from pipeline.formats.vdi import VdiDecoder
 from pipeline.formats.vhd import VhdDecoder
+from pipeline.formats.vhdx import VhdxDecoder
 from pipeline.formats.vmdk import VmdkDecoder
 
 DECODERS: dict[str, type[Decoder]] = {
     "qcow2": Qcow2Decoder,
+    "vhdx": VhdxDecoder,
     "vhd": VhdDecoder,
     "vdi": VdiDecoder,
     "vmdk": VmdkDecoder,
