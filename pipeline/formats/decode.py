@@ -34,7 +34,8 @@ class Part:
 
 
 async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple[int, int, list[Part]]]:
-    """(window start, window length, parts) for every window of [0, size), checking the pieces."""
+    """(window start, window length, parts) for every window of [0, size), checking the pieces. A run
+    of windows with no parts comes as one entry of their total length."""
     pos = 0  # guest offset every later piece must start at or after
     start = 0
     parts: list[Part] = []
@@ -71,17 +72,24 @@ async def windows(decoder: Decoder, size: int, step: int) -> AsyncIterator[tuple
         skip = 0
         while skip < p.length:
             g = p.guest + skip
-            while g >= start + step:
-                yield start, min(step, size - start), parts
-                parts = []
-                start += step
+            if g >= start + step:
+                if parts:
+                    yield start, min(step, size - start), parts
+                    parts = []
+                    start += step
+                # Whole windows with nothing stored travel as one zero run, however long.
+                empty = (g - start) // step * step
+                if empty:
+                    yield start, empty, []
+                    start += empty
             take = min(p.length - skip, start + step - g)
             parts.append(Part(p, g - start, skip, take))
             skip += take
-    while start < size:
+    if parts:
         yield start, min(step, size - start), parts
-        parts = []
         start += step
+    if start < size:
+        yield start, size - start, []
 
 
 _ZEROS = bytes(1024 * 1024)
