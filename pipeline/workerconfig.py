@@ -28,7 +28,7 @@ class WorkerConfig:
     queue_url: str = ""
     results_queue_url: str = ""
     concurrency: int = 4
-    memory_limit: int = 512 * MiB
+    memory_limit: int = 768 * MiB
     wait_time: int = 20
     visibility_timeout: int = 60
     heartbeat_interval: float = 20.0

@@ -168,8 +168,8 @@ def test_config_errors_say_what_to_change(tmp_path: Path, text: str, match: str)
 def test_queue_url_required_and_memory_caps_slots() -> None:
     with pytest.raises(UsageError, match="queue_url is required"):
         load(None, env={})
-    c = load(None, env={"IMGPIPE_QUEUE_URL": Q, "IMGPIPE_MEMORY_LIMIT": "300M"})
-    assert c.slots() == (300 * MiB - RUNTIME_RESERVE) // c.job_memory() == 2
+    c = load(None, env={"IMGPIPE_QUEUE_URL": Q, "IMGPIPE_MEMORY_LIMIT": "420M"})
+    assert c.slots() == (420 * MiB - RUNTIME_RESERVE) // c.job_memory() == 2
 
 
 async def test_memory_budget_makes_a_job_wait_rather_than_exceed() -> None:

@@ -323,8 +323,11 @@ def test_poison_messages_and_metrics(
     moto: MotoServer, workers: Callable[..., WorkerProc], tmp_path: Path
 ) -> None:
     aws = Aws(moto, max_receives=2)
-    qcow = tmp_path / "refused.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1M"], check=True)
+    qcow = tmp_path / "refused.qcow2"  # a delta on a backing file: refused, never retried
+    base = make_raw(tmp_path / "base.raw", 1 * MiB, seed=2)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(qcow), "1M"], check=True
+    )
     aws.s3.upload_file(str(qcow), aws.src, "refused.qcow2")
     good = make_raw(tmp_path / "good.raw", 2 * MiB, seed=3)
     aws.s3.upload_file(str(good), aws.src, "good.raw")
@@ -537,12 +540,12 @@ def test_heartbeat_keeps_a_long_job_from_redelivery(
 
 
 def test_memory_limit_caps_jobs_at_once(aws: Aws, workers: Callable[..., WorkerProc], tmp_path: Path) -> None:
-    """memory_limit 240M holds one job's budget (72 MiB) beside the runtime: jobs never overlap."""
+    """memory_limit 300M holds one job's budget (137 MiB) beside the runtime: jobs never overlap."""
     raw = make_raw(tmp_path / "m.raw", 3 * MiB, seed=4)
     aws.s3.upload_file(str(raw), aws.src, "m.raw")
     for i in range(4):
         aws.send({"source": f"s3://{aws.src}/m.raw", "destination": f"s3://{aws.dst}/m{i}", "id": f"m{i}"})
-    w = workers("--once", IMGPIPE_CONCURRENCY="4", IMGPIPE_MEMORY_LIMIT="240M")
+    w = workers("--once", IMGPIPE_CONCURRENCY="4", IMGPIPE_MEMORY_LIMIT="300M")
     assert w.wait(60) == 0, w.tail()
     [capped] = w.events("concurrency capped by memory_limit")
     assert (capped["concurrency"], capped["capped"]) == (4, 1)
