@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from servers import CephRGW, MotoServer, S3Store
+from servers import CephRGW, MotoServer, RangeHTTPServer, S3Store
 
 STORES = ("moto", "ceph")
 
@@ -69,3 +70,13 @@ def bucket(store: S3Store) -> Iterator[str]:
     name = store.new_bucket()
     yield name
     store.remove_bucket(name)
+
+
+@pytest.fixture
+def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
+    """An HTTP server with Range support serving tmp_path/www (see servers.RangeHTTPServer for its
+    fault-injecting paths, e.g. /norange/NAME)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with RangeHTTPServer(root) as s:
+        yield s

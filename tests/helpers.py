@@ -98,6 +98,29 @@ def make_raw(path: Path, size: int, seed: int = 0, data_fraction: float = 0.3, b
     return path
 
 
+def pattern_disk(
+    path: Path, size: int, seed: int, runs: tuple[int, ...] = (4 * KiB, 60 * KiB, 300 * KiB, MiB)
+) -> Path:
+    """A disk with compressible data (text-like records) and random data, in runs, with holes."""
+    rng = random.Random(seed)
+    buf = bytearray(size)
+    pos = 0
+    while pos < size:
+        run = rng.choice(runs)
+        kind = rng.random()
+        n = min(run, size - pos)
+        if kind < 0.35:
+            pass  # hole
+        elif kind < 0.75:
+            rec = f"record {pos:#x} seed {seed} ".encode() * 8
+            buf[pos : pos + n] = (rec * (n // len(rec) + 1))[:n]
+        else:
+            buf[pos : pos + n] = rng.randbytes(n)
+        pos += n
+    path.write_bytes(buf)
+    return path
+
+
 def leftovers(directory: Path) -> list[str]:
     """Temporary files the tool may have left beside a destination."""
     return sorted(p.name for p in directory.iterdir() if "imgpipe-partial" in p.name)

@@ -8,46 +8,25 @@ the data once, so the bytes fetched stay within 5 % of the file.
 from __future__ import annotations
 
 import json
-import random
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from servers import RangeHTTPServer, S3Store
 
-from tests.helpers import KiB, MiB, error_line, imgpipe, leftovers, qemu_check, qemu_compare, summary_of
-
-
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
-
-
-def pattern_disk(path: Path, size: int, seed: int) -> Path:
-    """A disk with compressible data (text-like records) and random data, in runs, with holes."""
-    rng = random.Random(seed)
-    buf = bytearray(size)
-    pos = 0
-    while pos < size:
-        run = rng.choice((4 * KiB, 60 * KiB, 300 * KiB, 1 * MiB))
-        kind = rng.random()
-        n = min(run, size - pos)
-        if kind < 0.35:
-            pass  # hole
-        elif kind < 0.75:
-            rec = f"record {pos:#x} seed {seed} ".encode() * 8
-            buf[pos : pos + n] = (rec * (n // len(rec) + 1))[:n]
-        else:
-            buf[pos : pos + n] = rng.randbytes(n)
-        pos += n
-    path.write_bytes(buf)
-    return path
+from tests.helpers import (
+    KiB,
+    MiB,
+    error_line,
+    imgpipe,
+    leftovers,
+    pattern_disk,
+    qemu_check,
+    qemu_compare,
+    summary_of,
+)
 
 
 def qcow2(raw: Path, out: Path, *opts: str) -> Path:

@@ -10,14 +10,23 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from servers import RangeHTTPServer, S3Store
 
-from tests.helpers import KiB, MiB, error_line, imgpipe, leftovers, qemu_check, qemu_compare, summary_of
-from tests.test_fmt_qcow2 import pattern_disk
+from tests.helpers import (
+    KiB,
+    MiB,
+    error_line,
+    imgpipe,
+    leftovers,
+    pattern_disk,
+    qemu_check,
+    qemu_compare,
+    summary_of,
+)
 
 # Header fields (offset, struct format).
 VERSION = (0x44, "<I")
@@ -30,14 +39,6 @@ DISK_SIZE = (0x170, "<Q")
 BLOCK_SIZE = (0x178, "<I")
 BLOCKS_IN_IMAGE = (0x180, "<I")
 UUID_PARENT = 0x1B8  # 16 bytes
-
-
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
 
 
 def vdi(raw: Path, out: Path, *opts: str) -> Path:

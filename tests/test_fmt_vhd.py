@@ -17,7 +17,7 @@ import random
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,12 +30,12 @@ from tests.helpers import (
     error_line,
     imgpipe,
     leftovers,
+    pattern_disk,
     qemu_check,
     qemu_compare,
     qemu_info,
     summary_of,
 )
-from tests.test_fmt_qcow2 import pattern_disk
 
 FOOTER = 512
 F_DATA_OFFSET = 16  # >Q
@@ -47,14 +47,6 @@ F_CHECKSUM = 64  # >I
 D_TABLE_OFFSET = 16  # >Q
 D_MAX_TABLE_ENTRIES = 28  # >I
 D_BLOCK_SIZE = 32  # >I
-
-
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
 
 
 def checksum(block: bytes | bytearray, at: int) -> int:

@@ -18,7 +18,7 @@ import shutil
 import struct
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,11 @@ from tests.helpers import (
     error_line,
     imgpipe,
     leftovers,
+    pattern_disk,
     qemu_check,
     qemu_compare,
     summary_of,
 )
-from tests.test_fmt_qcow2 import pattern_disk
 
 GiB = 1024 * MiB
 HEADERS = (64 * KiB, 128 * KiB)
@@ -57,14 +57,6 @@ H_SEQUENCE = (8, "<Q")
 H_LOG_GUID = (48, "<16s")
 H_LOG_LENGTH = (68, "<I")
 H_LOG_OFFSET = (72, "<Q")
-
-
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
 
 
 def vhdx(raw: Path, out: Path, *opts: str) -> Path:

@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,37 +32,17 @@ from tests.helpers import (
     qemu_compare,
     summary_of,
 )
+from tests.helpers import (
+    pattern_disk as _pattern_disk,
+)
 
 SECTOR = 512
 GRAIN = 64 * KiB
 
 
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
-
-
 def pattern_disk(path: Path, size: int, seed: int) -> Path:
-    """Runs of compressible records, random bytes and holes (some grains all zero, some partly)."""
-    rng = random.Random(seed)
-    buf = bytearray(size)
-    pos = 0
-    while pos < size:
-        n = min(rng.choice((4 * KiB, 60 * KiB, 200 * KiB, 1 * MiB)), size - pos)
-        kind = rng.random()
-        if kind < 0.35:
-            pass
-        elif kind < 0.75:
-            rec = f"record {pos:#x} seed {seed} ".encode() * 8
-            buf[pos : pos + n] = (rec * (n // len(rec) + 1))[:n]
-        else:
-            buf[pos : pos + n] = rng.randbytes(n)
-        pos += n
-    path.write_bytes(buf)
-    return path
+    """The shared pattern with shorter runs: some grains all zero, some partly."""
+    return _pattern_disk(path, size, seed, runs=(4 * KiB, 60 * KiB, 200 * KiB, MiB))
 
 
 def to_vmdk(raw: Path, out: Path, subformat: str, *opts: str) -> Path:

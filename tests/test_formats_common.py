@@ -11,15 +11,13 @@ Each format's own subformats and refusals are in tests/test_fmt_<format>.py.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from servers import RangeHTTPServer
 
 from pipeline.formats.registry import DECODERS
-from tests.helpers import KiB, MiB, imgpipe, qemu_check, qemu_compare, summary_of
-from tests.test_fmt_qcow2 import pattern_disk
+from tests.helpers import KiB, MiB, imgpipe, pattern_disk, qemu_check, qemu_compare, summary_of
 
 # name: (sniffed format, qemu-img -O format, options)
 FORMATS = {
@@ -38,14 +36,6 @@ SIZE = 24 * MiB + 512  # odd on purpose; VHD rounds to its CHS geometry, so comp
 def _skip_unless_decodable(name: str) -> None:
     if FORMATS[name][0] not in DECODERS:
         pytest.skip(f"no {FORMATS[name][0]} decoder registered yet")
-
-
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
 
 
 def _build(tmp_path: Path, name: str) -> tuple[Path, Path]:

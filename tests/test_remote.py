@@ -24,14 +24,6 @@ def s3proxy(store: S3Store) -> Iterator[S3FaultProxy]:
         yield p
 
 
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
-
-
 def _env(server: S3Store | S3FaultProxy, **extra: str) -> dict[str, str]:
     env = server.env({})
     env.update(extra)
