@@ -201,3 +201,52 @@ def test_output_bound_covers_incompressible_clusters_with_compression_padding() 
     clusters = -(-size // s.cluster_size)
     l2_tables = -(-clusters // (s.cluster_size // 8))
     assert output_bound(size, s) >= (clusters + 2 * l2_tables + 1) * s.cluster_size
+
+
+def test_sniffing_holds_little() -> None:
+    from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
+
+    # Every probe's declared regions together: what the sniffer copies while the stream passes.
+    assert HEAD_BYTES + TAIL_BYTES < 512 * 1024
+
+
+async def _stream_reader(data: bytes, window: int, chunk: int = 4096) -> object:
+    from pipeline.formats.readers import StreamReader
+
+    q: ClosableQueue[Chunk] = ClosableQueue(len(data) // chunk + 2)
+    for off in range(0, len(data), chunk):
+        piece = data[off : off + chunk]
+        await q.put(Chunk(None, bytearray(piece), len(piece)))
+    await q.close()
+    return StreamReader(q, len(data), window)
+
+
+async def test_stream_reader_keeps_a_bounded_window_of_skipped_bytes() -> None:
+    from pipeline.errors import CorruptImage, UnsupportedImage
+    from pipeline.formats.readers import StreamReader
+
+    data = os.urandom(256 * 1024)
+    r = await _stream_reader(data, window=64 * 1024)
+    assert isinstance(r, StreamReader)
+    assert await r.read(100, 10) == data[100:110]
+    # Skipping forward keeps the last `window` bytes of the gap: reading back into them works ...
+    assert await r.read(200_000, 16) == data[200_000:200_016]
+    assert await r.read(150_000, 1000) == data[150_000:151_000]
+
+    # ... reading them back a second time would map them twice: refused.
+    async def read_back_again_and_again() -> None:
+        for _ in range(1000):  # 1 MB from a window that never held more than ~200 KB
+            await r.read(140_000, 1000)
+
+    with pytest.raises(CorruptImage, match="amplification"):
+        await read_back_again_and_again()
+    # Bytes before the window were let go: the refusal names the remedies.
+    r2 = await _stream_reader(data, window=64 * 1024)
+    assert isinstance(r2, StreamReader)
+    await r2.read(200_000, 16)
+    with pytest.raises(UnsupportedImage, match=r"range-capable source.*IMGPIPE_REORDER_BUFFER"):
+        await r2.read(1000, 10)
+    # Past the end is a truncated image, not EOF.
+    with pytest.raises(CorruptImage, match="truncated"):
+        await r2.read(len(data) - 5, 10)
+    assert await r2.drain() == len(data)
