@@ -416,12 +416,14 @@ async def _inflate(
                     )
                 await filler.feed(out)
         inflater.finish()
-    finally:
-        for c in pending:
-            c.release()
+    except BaseException:
         if filler.cur is not None:
             filler.cur.release()
             filler.cur = None
+        raise
+    finally:
+        for c in pending:
+            c.release()
     await filler.finish()
 
 

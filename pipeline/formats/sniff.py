@@ -38,8 +38,13 @@ def decide(head: bytes, tail: bytes | None, size: int | None, allow_wrappers: bo
     if not matches:
         return Match("raw")
     chosen = real[0] if real else matches[0]
-    if allow_wrappers and chosen.format in WRAPPERS:
-        return chosen
+    if chosen.format in WRAPPERS:
+        if allow_wrappers:
+            return chosen
+        raise UnsupportedImage(
+            f"input is a {chosen.describe()} stream; imgpipe info does not look inside compressed "
+            "images yet (convert decompresses them)"
+        )
     if chosen.format not in DECODABLE and chosen.format not in DECODERS:
         raise UnsupportedImage(
             f"input is a {chosen.describe()} image; this version of imgpipe does not convert "
