@@ -9,14 +9,20 @@ refused with exit 3 and nothing written.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import random
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from servers import RangeHTTPServer, S3Store
 
+from pipeline.unwrap import INFLATERS
 from tests.helpers import MiB, error_line, imgpipe, leftovers, qemu_check, qemu_compare, summary_of
 from tests.test_fmt_qcow2 import pattern_disk
 
@@ -265,3 +271,39 @@ def test_trailing_garbage_is_refused(tmp_path: Path, made: dict[str, Path]) -> N
     assert p.returncode == 3, p.stderr
     assert "gzip" in error_line(p)
     assert not dst.exists()
+
+
+def _zstd_frames(parts: list[bytes]) -> bytes:
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"skip!"
+    c = zstandard.ZstdCompressor(level=3, write_checksum=True)
+    return skippable + b"".join(c.compress(p) for p in parts) + skippable
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2", "zstd"])
+def test_inflaters_in_odd_pieces(kind: str) -> None:
+    """Members, streams and frames cut anywhere (inside a magic, a header, a block) and output pulled
+    a little at a time: the same bytes come out, and no call returns more than it was asked for."""
+    rng = random.Random(kind)
+    parts = [rng.randbytes(3000) + bytes(200_000) + b"text " * 4000 for _ in range(3)] + [b""]
+    packers = {
+        "gzip": lambda: b"".join(gzip.compress(p) for p in parts) + bytes(7),
+        "xz": lambda: b"".join(lzma.compress(p) + bytes(4) for p in parts),
+        "bzip2": lambda: b"".join(bz2.compress(p) for p in parts),
+        "zstd": lambda: _zstd_frames(parts),
+    }
+    packed = packers[kind]()
+    inflater = INFLATERS[kind]()
+    out = bytearray()
+    pos = 0
+    while pos < len(packed):
+        n = rng.choice((1, 2, 3, 7, 100, 5000, 70_000))
+        inflater.feed(packed[pos : pos + n])
+        pos += n
+        while True:
+            piece = inflater.pull(128 * 1024)
+            assert len(piece) <= 128 * 1024
+            if not piece:
+                break
+            out += piece
+    inflater.finish()
+    assert bytes(out) == b"".join(parts)
