@@ -1,4 +1,4 @@
-"""Wires one conversion job: source -> sniff -> decode -> zero-skip -> encode -> sink.
+"""Wires one conversion job: source -> [unwrap] -> sniff -> decode -> zero-skip -> encode -> sink.
 
 One task group per job: the first failure cancels every stage, the sink aborts (no partial object,
 no open multipart upload, no temporary file) and the error reaches the caller naming its stage.
@@ -18,12 +18,12 @@ from typing import Any
 from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
-from pipeline.errors import ImgpipeError, SinkError, SourceError, UnsafeImage, UsageError
+from pipeline.errors import ImgpipeError, SinkError, SourceError, UnsafeImage, UnsupportedImage
 from pipeline.formats import sniff
 from pipeline.formats.base import Match
 from pipeline.formats.decode import decode_stage
 from pipeline.formats.layout import Decoder, ImageReader
-from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES
+from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES, WRAPPERS
 from pipeline.formats.readers import RangedReader, StreamReader
 from pipeline.formats.registry import DECODERS
 from pipeline.messages import Batch, Finish, Writes
@@ -40,6 +40,7 @@ from pipeline.stages import (
     zero_skip_stage,
 )
 from pipeline.stats import JobStats
+from pipeline.unwrap import StreamView, layer_pool, unwrap_stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,10 +288,13 @@ async def plan_ranged(
         exc.stage = exc.stage or "source"
         raise
     try:
-        match = sniff.decide(head, tail, size)
+        match = sniff.decide(head, tail, size, allow_wrappers=True)
     except ImgpipeError as exc:
         exc.stage = exc.stage or "sniff"
         raise
+    if match.format in WRAPPERS:
+        # Compressed: the content is sequential-only; the stream path peels it (the unwrap stage).
+        return None
     stats.source_format, stats.source_detail = match.format, match.detail
     if match.format not in DECODERS:
         return Plan(match, tail, None)
@@ -335,6 +339,10 @@ async def _stream_decode(
     stats: JobStats,
 ) -> None:
     """A sparse format from a sequential source: decode in one pass through the stream reader."""
+    if source.wrappers:
+        # The source side of the job's pool may be all held by compressed chunks waiting for the
+        # unwrap stage, which waits for this decoder: its output comes from a pool of its own.
+        pool = layer_pool(settings)
     reader = StreamReader(inq, source.size, settings.reorder_buffer)
     try:
         decoder = DECODERS[match.format](reader, settings)
@@ -370,14 +378,16 @@ async def _run_stages(
     failures = _Failures()
     progress_on = settings.progress if settings.progress is not None else sys.stderr.isatty()
 
+    view = StreamView(source)  # what sniff and decode see: a sequential stream once unwrapped
+
     async def decode() -> None:
         match = await verdict
         if match.format in DECODERS:
-            await _stream_decode(match, sniffed_q, decoded_q, pool, source, settings, stats)
+            await _stream_decode(match, sniffed_q, decoded_q, pool, view, settings, stats)
         elif match.format in ("raw", "iso"):
             await raw_decode_stage(sniffed_q, decoded_q, settings, stats)
         else:
-            raise UsageError(f"no decoder for {match.format}")  # sniff refuses these first
+            raise UnsupportedImage(f"no decoder for {match.format}")  # sniff refuses these first
 
     if settings.output_format == "qcow2":
         encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
@@ -402,8 +412,15 @@ async def _run_stages(
                 tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
             if plan is None or plan.decoder is None:
                 known = plan.tail if plan is not None else None
+                sniff_in = raw_q
+                if plan is None:
+                    # Not sniffed yet: maybe compressed. A ranged plan already knows it is not.
+                    sniff_in = ClosableQueue(depth)
+                    tg.create_task(
+                        failures.wrap("unwrap", unwrap_stage(view, raw_q, sniff_in, settings, stats))
+                    )
                 tg.create_task(
-                    failures.wrap("sniff", sniff_stage(source, raw_q, sniffed_q, verdict, stats, known))
+                    failures.wrap("sniff", sniff_stage(view, sniff_in, sniffed_q, verdict, stats, known))
                 )
                 tg.create_task(failures.wrap("decode", decode()))
             tg.create_task(

@@ -75,6 +75,9 @@ class Settings:
     # Sparse formats from a sequential source: bytes skipped over that are kept in case the image's
     # layout needs them later (tables or data a little out of order).
     reorder_buffer: int = 64 * MiB
+    # gzip, xz, bzip2 and zstd inputs: beyond the first 64 MiB, decompressed bytes may not exceed this
+    # many times the compressed bytes read so far (a decompression bomb is refused, exit 3).
+    max_decompression_ratio: int = 2000
     # S3 destination.
     part_size: int = 8 * MiB
     upload_concurrency: int = 4
@@ -129,6 +132,10 @@ class Settings:
             raise UsageError("IMGPIPE_RETRIES and IMGPIPE_RETRY_BACKOFF must not be negative")
         if self.reorder_buffer < 0:
             raise UsageError("IMGPIPE_REORDER_BUFFER must not be negative")
+        if self.max_decompression_ratio < 1:
+            raise UsageError(
+                f"IMGPIPE_MAX_DECOMPRESSION_RATIO must be at least 1 (got {self.max_decompression_ratio})"
+            )
         if self.max_virtual_size <= 0:
             raise UsageError("IMGPIPE_MAX_VIRTUAL_SIZE must be positive")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -171,6 +178,9 @@ class Settings:
             * self.cluster_size,
         }
         terms["sparse image from a sequential source: reorder window (reorder_buffer)"] = self.reorder_buffer
+        # A compressed input (gzip, xz, bzip2, zstd): each layer (at most 4) has its own small pool of
+        # output chunks, and so does a sparse decoder after it. Add per layer: (queue_depth + 4) x
+        # chunk_size, plus the decompressor's own state (zstd's window: 8 MiB at its level 19).
         if self.compress != "none":
             # Each compression thread holds one chunk's input and its compressed output, and refcounts
             # are kept per output cluster (2 bytes each: 32 KiB per GiB of output at 64K clusters).
@@ -193,6 +203,7 @@ _INT_FIELDS = {
     "retries": False,
     "max_virtual_size": True,
     "reorder_buffer": True,
+    "max_decompression_ratio": False,
     "part_size": True,
     "upload_concurrency": False,
     "upload_memory": True,

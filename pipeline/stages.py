@@ -12,6 +12,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import Chunk
@@ -23,12 +24,11 @@ from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.qcow2.compress import make_compressor
 from pipeline.qcow2.writer import Qcow2Writer
 from pipeline.settings import Settings, TiB
-from pipeline.sources.base import Source
 from pipeline.stats import JobStats
 
 
 async def sniff_stage(
-    source: Source,
+    source: Any,  # the source, or the unwrap stage's view of it (pipeline/unwrap.StreamView)
     inq: ClosableQueue[Chunk],
     outq: ClosableQueue[Chunk],
     verdict: asyncio.Future[Match],

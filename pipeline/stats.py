@@ -13,6 +13,7 @@ class JobStats:
     source_size: int | None = None
     source_format: str = ""
     source_detail: str = ""
+    source_wrappers: list[str] = field(default_factory=list)  # outermost first: ["zstd", "gzip"]
     output_format: str = ""
     cluster_size: int = 0
     bytes_read: int = 0
@@ -37,6 +38,7 @@ class JobStats:
             "destination": self.destination,
             "source_format": self.source_format,
             "source_detail": self.source_detail,
+            "source_wrappers": self.source_wrappers,
             "output_format": self.output_format,
             "cluster_size": self.cluster_size,
             "virtual_size": self.virtual_size,

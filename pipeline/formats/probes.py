@@ -93,11 +93,15 @@ class Bzip2Probe(Probe):
     name = "bzip2"
     head = 10
 
-    def probe(self, head: bytes, tail: bytes | None, size: int | None) -> Match:
+    @staticmethod
+    def matches(head: bytes) -> bool:
         # "BZh" + level digit + the block magic (BCD pi), or an empty stream's end-of-stream magic.
         magics = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
-        if len(head) >= 10 and head[:3] == b"BZh" and 0x31 <= head[3] <= 0x39 and head[4:10] in magics:
-            return Match("bzip2")
+        return len(head) >= 10 and head[:3] == b"BZh" and 0x31 <= head[3] <= 0x39 and head[4:10] in magics
+
+    def probe(self, head: bytes, tail: bytes | None, size: int | None) -> Match:
+        if self.matches(head):
+            return Match("bzip2", "compressed")
         raise NotThisFormat
 
 
@@ -152,5 +156,7 @@ PROBES: tuple[Probe, ...] = (
 )
 
 DECODABLE = frozenset({"raw", "iso"})
+# Compressed streams: peeled by the unwrap stage (pipeline/unwrap.py), never decoded as a disk.
+WRAPPERS = frozenset({"gzip", "xz", "bzip2", "zstd"})
 HEAD_BYTES = max(p.head for p in PROBES)
 TAIL_BYTES = max(p.tail for p in PROBES)

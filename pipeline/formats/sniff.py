@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pipeline.errors import NotThisFormat, UnsafeImage, UnsupportedImage
 from pipeline.formats.base import Match
-from pipeline.formats.probes import DECODABLE, PROBES, TAIL_BYTES
+from pipeline.formats.probes import DECODABLE, PROBES, TAIL_BYTES, WRAPPERS
 from pipeline.formats.registry import DECODERS
 
 # Pairs that really do occur together in good images and are decoded as the first element.
 BENIGN = {frozenset({"iso", "raw"})}
 
 
-def decide(head: bytes, tail: bytes | None, size: int | None) -> Match:
+def decide(head: bytes, tail: bytes | None, size: int | None, allow_wrappers: bool = False) -> Match:
+    """The one format the bytes are. A compressed wrapper (gzip, xz, bzip2, zstd) is returned only
+    with allow_wrappers (the runner and the unwrap stage peel it); otherwise it is refused by name."""
     matches: list[Match] = []
     for probe in PROBES:
         if tail is None and probe.tail and not probe.head:
@@ -36,6 +38,13 @@ def decide(head: bytes, tail: bytes | None, size: int | None) -> Match:
     if not matches:
         return Match("raw")
     chosen = real[0] if real else matches[0]
+    if chosen.format in WRAPPERS:
+        if allow_wrappers:
+            return chosen
+        raise UnsupportedImage(
+            f"input is a {chosen.describe()} stream; imgpipe info does not look inside compressed "
+            "images yet (convert decompresses them)"
+        )
     if chosen.format not in DECODABLE and chosen.format not in DECODERS:
         raise UnsupportedImage(
             f"input is a {chosen.describe()} image; this version of imgpipe does not convert "
