@@ -15,7 +15,7 @@ import lzma
 import random
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,16 @@ import zstandard
 from servers import RangeHTTPServer, S3Store
 
 from pipeline.unwrap import INFLATERS
-from tests.helpers import MiB, error_line, imgpipe, leftovers, qemu_check, qemu_compare, summary_of
-from tests.test_fmt_qcow2 import pattern_disk
+from tests.helpers import (
+    MiB,
+    error_line,
+    imgpipe,
+    leftovers,
+    pattern_disk,
+    qemu_check,
+    qemu_compare,
+    summary_of,
+)
 
 DISK_SIZE = 24 * MiB + 4096  # several chunks, not a whole number of them
 
@@ -147,14 +155,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {name: d / fn(d) for name, fn in MAKERS.items()}
     out["disk.raw"] = d / "disk.raw"
     return out
-
-
-@pytest.fixture
-def http(tmp_path: Path) -> Iterator[RangeHTTPServer]:
-    root = tmp_path / "www"
-    root.mkdir()
-    with RangeHTTPServer(root) as s:
-        yield s
 
 
 def _check(made: dict[str, Path], name: str, dst: Path, summary: dict[str, object]) -> None:
