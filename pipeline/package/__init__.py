@@ -1,0 +1,1 @@
+"""OVA/OVF packages and UEC tarballs."""
