@@ -15,6 +15,9 @@ class Sink(ABC):
         self.settings = settings
         self.written = 0
         self.committed = False
+        # A package's outputs are written first and committed together once the whole package has
+        # been read and verified (its manifest): run() then stops short of the commit, see commit().
+        self.deferred = False
 
     async def open(self, reserve: int) -> None:
         """Prepare; `reserve` bytes at offset 0 (the qcow2 header cluster) are written at Finish."""
@@ -23,6 +26,10 @@ class Sink(ABC):
     @abstractmethod
     async def run(self, inq: ClosableQueue[Writes | Finish]) -> None:
         """Write everything from `inq`; on Finish write the head at 0 and commit atomically."""
+
+    async def commit(self) -> None:
+        """Commit a deferred sink whose run() has ended."""
+        raise NotImplementedError(f"{type(self).__name__} cannot defer its commit")
 
     @abstractmethod
     async def abort(self) -> None:

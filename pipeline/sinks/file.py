@@ -57,6 +57,7 @@ class FileSink(Sink):
         self.path = os.path.abspath(spec)
         self.tmp: str | None = None
         self.fd = -1
+        self._fin: Finish | None = None
 
     async def open(self, reserve: int) -> None:
         await super().open(reserve)
@@ -111,7 +112,15 @@ class FileSink(Sink):
                 tg.create_task(self._write(extents, item, slots))
             else:
                 raise SinkError(f"{self.spec}: the output stream ended without its end marker")
+        if self.deferred:
+            self._fin = fin
+            return
         await self._commit(fin)
+
+    async def commit(self) -> None:
+        if self._fin is None:
+            raise SinkError(f"{self.spec}: commit before the output was complete")
+        await self._commit(self._fin)
 
     async def _write(
         self, extents: list[tuple[int, list[bytes | memoryview]]], item: Writes, slots: asyncio.Semaphore
@@ -161,6 +170,11 @@ class FileSink(Sink):
             with contextlib.suppress(FileNotFoundError):
                 await aiofiles.os.remove(self.tmp)
             self.tmp = None
+        if self.committed and self.deferred:
+            # One output of a package whose later output failed: the package goes as a whole.
+            with contextlib.suppress(FileNotFoundError):
+                await aiofiles.os.remove(self.path)
+            self.committed = False
 
 
 class StreamSink(Sink):

@@ -101,6 +101,10 @@ class S3Sink(Sink):
         self._uploads = None
         if not finished:
             raise SinkError(f"{self.spec}: the output stream ended without its end marker")
+        if not self.deferred:
+            await self._complete()
+
+    async def commit(self) -> None:
         await self._complete()
 
     async def _append(self, mv: memoryview) -> None:
