@@ -61,3 +61,9 @@ class SourceChanged(SourceError):
 
 class SinkError(ImgpipeError):
     """Writing the destination failed."""
+
+
+def is_missing(exc: Exception) -> bool:
+    """A source error that says the object is not there (HTTP 404/410, S3 NoSuchKey, no such file)."""
+    text = str(exc)
+    return any(k in text for k in ("HTTP 404", "HTTP 410", "no such object", "no such file"))

@@ -60,7 +60,8 @@ async def sniff_stage(
         tail = known_tail  # read by the runner while planning
     elif size is not None and source.ranged:
         tail = await source.read_range(size - TAIL_BYTES, TAIL_BYTES)
-    match = sniff.decide(bytes(head), tail, size)
+    payload: Match | None = getattr(source, "payload", None)
+    match = payload if payload is not None else sniff.decide(bytes(head), tail, size)
     stats.source_format, stats.source_detail = match.format, match.detail
     verdict.set_result(match)
     del head

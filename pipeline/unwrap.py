@@ -31,7 +31,8 @@ from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import CorruptImage, UnsafeImage
 from pipeline.formats import sniff
-from pipeline.formats.probes import HEAD_BYTES, WRAPPERS, Bzip2Probe
+from pipeline.formats.base import Match
+from pipeline.formats.probes import CPIO_MAGICS, HEAD_BYTES, WRAPPERS, Bzip2Probe
 from pipeline.settings import MiB, Settings
 from pipeline.sources.base import ChunkFiller
 from pipeline.stats import JobStats
@@ -355,10 +356,21 @@ class StreamView:
         self.size: int | None = source.size
         self.ranged: bool = source.ranged
         self.wrappers: list[str] = []
+        self.payload: Match | None = None  # decided here, without sniffing (a compressed initramfs)
 
     async def read_range(self, offset: int, length: int) -> bytes:
         data: bytes = await self.source.read_range(offset, length)
         return data
+
+
+def _compressed_cpio(kind: str, head: bytes) -> bool:
+    """Whether the first bytes inside the compression are a cpio archive's (an initramfs)."""
+    try:
+        inflater = INFLATERS[kind]()
+        inflater.feed(head)
+        return inflater.pull(6) in CPIO_MAGICS
+    except Exception:  # a broken stream is the inflate layer's to report
+        return False
 
 
 async def _head(q: ClosableQueue[Chunk]) -> tuple[list[Chunk], bytes]:
@@ -449,6 +461,10 @@ async def unwrap_stage(
                 held, head = await _head(q)
                 kind = wrapper_of(head)
                 if kind is None:
+                    break
+                if not view.wrappers and _compressed_cpio(kind, head):
+                    # A compressed initramfs is a ramdisk as it stands: copied unchanged, not peeled.
+                    view.payload = Match("ramdisk", f"{kind}-compressed cpio initramfs")
                     break
                 if len(view.wrappers) >= MAX_DEPTH:
                     raise UnsafeImage(

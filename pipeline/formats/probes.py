@@ -133,6 +133,50 @@ class GptProbe(Probe):
         raise NotThisFormat
 
 
+class KernelProbe(Probe):
+    """A bare Linux kernel (an AKI): copied unchanged, never made into a disk."""
+
+    name = "kernel"
+    head = 0x240
+
+    def probe(self, head: bytes, tail: bytes | None, size: int | None) -> Match:
+        if _magic(head, 0x202, b"HdrS") and _magic(head, 0x1FE, b"\x55\xaa"):
+            return Match("kernel", "Linux x86 boot image")
+        if _magic(head, 0x38, b"ARM\x64"):
+            return Match("kernel", "Linux arm64 Image")
+        if _magic(head, 0x38, b"RSC\x05"):
+            return Match("kernel", "Linux riscv Image")
+        raise NotThisFormat
+
+
+class CpioProbe(Probe):
+    """An initramfs (an ARI): a cpio archive, copied unchanged. A compressed one is recognised by the
+    unwrap stage, which looks inside the compression without peeling it."""
+
+    name = "ramdisk"
+    head = 6
+
+    def probe(self, head: bytes, tail: bytes | None, size: int | None) -> Match:
+        if head[:6] in CPIO_MAGICS:
+            return Match("ramdisk", "cpio initramfs")
+        raise NotThisFormat
+
+
+class OvfProbe(Probe):
+    """An OVF descriptor given as SRC: its disks are read as objects beside it."""
+
+    name = "ovf"
+    head = 4096
+
+    def probe(self, head: bytes, tail: bytes | None, size: int | None) -> Match:
+        text = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+        if text.startswith(b"<") and b"Envelope" in head and b"dmtf.org/ovf/envelope" in head:
+            return Match("ovf", "OVF descriptor")
+        raise NotThisFormat
+
+
+CPIO_MAGICS = (b"070701", b"070702", b"070707")
+
 PROBES: tuple[Probe, ...] = (
     Qcow2Probe(),
     SimpleMagic("qed", 0, b"QED\x00"),
@@ -150,12 +194,20 @@ PROBES: tuple[Probe, ...] = (
     SimpleMagic("xz", 0, b"\xfd7zXZ\x00", "compressed"),
     Bzip2Probe(),
     SimpleMagic("zstd", 0, b"\x28\xb5\x2f\xfd", "compressed"),
-    SimpleMagic("tar", 257, b"ustar", "archive (OVA or UEC tarball?)"),
+    SimpleMagic("tar", 257, b"ustar", "archive"),
+    KernelProbe(),
+    CpioProbe(),
+    OvfProbe(),
     IsoProbe(),
     GptProbe(),
 )
 
 DECODABLE = frozenset({"raw", "iso"})
+# Archives whose members are converted (pipeline/package): an OVA, a UEC tarball, a disk in a tar;
+# and an OVF descriptor whose disks lie beside it.
+PACKAGES = frozenset({"tar", "ovf"})
+# Copied unchanged, with their kind: a kernel (AKI) and an initramfs (ARI).
+COPIED = frozenset({"kernel", "ramdisk"})
 # Compressed streams: peeled by the unwrap stage (pipeline/unwrap.py), never decoded as a disk.
 WRAPPERS = frozenset({"gzip", "xz", "bzip2", "zstd"})
 HEAD_BYTES = max(p.head for p in PROBES)

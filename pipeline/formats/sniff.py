@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.errors import NotThisFormat, UnsafeImage, UnsupportedImage
 from pipeline.formats.base import Match
-from pipeline.formats.probes import DECODABLE, PROBES, TAIL_BYTES, WRAPPERS
+from pipeline.formats.probes import COPIED, DECODABLE, PACKAGES, PROBES, TAIL_BYTES, WRAPPERS
 from pipeline.formats.registry import DECODERS
 
 # Pairs that really do occur together in good images and are decoded as the first element.
@@ -45,6 +45,8 @@ def decide(head: bytes, tail: bytes | None, size: int | None, allow_wrappers: bo
             f"input is a {chosen.describe()} stream; imgpipe info does not look inside compressed "
             "images yet (convert decompresses them)"
         )
+    if chosen.format in PACKAGES or chosen.format in COPIED:
+        return chosen
     if chosen.format not in DECODABLE and chosen.format not in DECODERS:
         raise UnsupportedImage(
             f"input is a {chosen.describe()} image; this version of imgpipe does not convert "

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
-from pipeline.errors import CorruptImage, InputRefused, SourceError, UnsafeImage, UnsupportedImage
+from pipeline.errors import CorruptImage, InputRefused, SourceError, UnsafeImage, UnsupportedImage, is_missing
 from pipeline.formats.layout import Decoder, ImageInfo, ImageReader, Piece
 from pipeline.settings import MiB, Settings, TiB
 
@@ -296,11 +296,6 @@ def safe_extent_name(name: str) -> bool:
         and len(name) <= 255
         and not any(c in _UNSAFE_NAME_CHARS for c in name)
     )
-
-
-def _missing(exc: SourceError) -> bool:
-    text = str(exc)
-    return any(k in text for k in ("HTTP 404", "HTTP 410", "no such object", "no such file"))
 
 
 class ExtentsReader(ImageReader):
@@ -975,7 +970,7 @@ class VmdkDecoder(Decoder):
         try:
             r = await self.reader.sibling(name)
         except SourceError as exc:
-            if _missing(exc):
+            if is_missing(exc):
                 raise CorruptImage(
                     f"vmdk: extent {name!r} named by the descriptor is not beside it ({exc}); "
                     "upload every extent file next to the descriptor"
