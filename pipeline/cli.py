@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--fsync", action="store_true", default=None, help="fsync a local output before renaming it"
     )
+    c.add_argument(
+        "--disk",
+        type=int,
+        metavar="N",
+        help="a package (OVA, tarball) with several disks: convert only its Nth (from 1); by default "
+        "every disk is converted and DST must hold {disk} or {index}, or end in /",
+    )
     c.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     c.add_argument("--job-id", help="bound to every log line of this job")
     i = sub.add_parser(
@@ -126,6 +133,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         upload_concurrency=ns.upload_concurrency,
         fsync=ns.fsync,
         log_level=ns.log_level,
+        disk=ns.disk,
     )
 
 

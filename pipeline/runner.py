@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -18,19 +20,31 @@ from typing import Any
 from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
-from pipeline.errors import ImgpipeError, SinkError, SourceError, UnsafeImage, UnsupportedImage
+from pipeline.errors import (
+    CorruptImage,
+    ImgpipeError,
+    SinkError,
+    SourceError,
+    UnsafeImage,
+    UnsupportedImage,
+    UsageError,
+    is_missing,
+)
 from pipeline.formats import sniff
 from pipeline.formats.base import Match
 from pipeline.formats.decode import decode_stage
 from pipeline.formats.layout import Decoder, ImageReader
-from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES, WRAPPERS
+from pipeline.formats.probes import COPIED, HEAD_BYTES, PACKAGES, TAIL_BYTES, WRAPPERS
 from pipeline.formats.readers import RangedReader, StreamReader
 from pipeline.formats.registry import DECODERS
-from pipeline.messages import Batch, Finish, Writes
+from pipeline.messages import Batch, Extent, Finish, Writes
+from pipeline.package.ovf import MAX_DESCRIPTOR
+from pipeline.package.run import Package, PackageContext, chunk_views, package_stage
 from pipeline.qcow2.writer import check_geometry
 from pipeline.s3util import S3Context
 from pipeline.settings import Settings, TiB
 from pipeline.sinks import open_sink
+from pipeline.sinks.base import Sink
 from pipeline.sources import open_source
 from pipeline.stages import (
     qcow2_encode_stage,
@@ -173,6 +187,52 @@ async def _progress(stats: JobStats, enabled: bool) -> None:
         bar.close()
 
 
+class Outputs:
+    """Every sink of a job, opened when the stages know what they write: one for an image, one per
+    disk, kernel and ramdisk for a package (those commit together at its end). Aborting aborts all."""
+
+    def __init__(
+        self, dst: str, settings: Settings, s3: S3Context, source: Any, hooks: JobHooks | None
+    ) -> None:
+        self.dst = dst
+        self.settings = settings
+        self.s3 = s3
+        self.source = source
+        self.hooks = hooks
+        self.sinks: list[Sink] = []
+        open_sink(dst, settings, s3, None)  # a DST that cannot work is a usage error before any read
+
+    async def open(
+        self, spec: str, bound: int | None, reserve: int, deferred: bool = False, kind: str | None = None
+    ) -> Sink:
+        sink = open_sink(spec, self.settings, self.s3, bound)
+        sink.deferred = deferred
+        if deferred and not hasattr(sink, "commit_args") and not hasattr(sink, "path"):
+            raise UsageError(f"{spec}: a package's outputs must be files or S3 objects, not a pipe")
+        if spec == self.dst and self.hooks is not None and self.hooks.on_open is not None:
+            self.hooks.on_open(self.source, sink)
+        if kind is not None and isinstance(getattr(sink, "create_args", None), dict):
+            meta = dict(sink.create_args.get("Metadata", {}))  # type: ignore[attr-defined]
+            meta["imgpipe-kind"] = kind
+            sink.create_args["Metadata"] = meta  # type: ignore[attr-defined]
+        self.sinks.append(sink)
+        await sink.open(reserve)
+        return sink
+
+    async def commit_deferred(self) -> None:
+        for sink in self.sinks:
+            if sink.deferred and not sink.committed:
+                await sink.commit()
+
+    async def abort(self) -> None:
+        for sink in reversed(self.sinks):
+            await time_boxed(sink.abort, self.settings.cleanup_timeout)
+
+    @property
+    def written(self) -> int:
+        return sum(s.written for s in self.sinks)
+
+
 async def convert(
     src: str, dst: str, settings: Settings, job_id: str | None = None, hooks: JobHooks | None = None
 ) -> dict[str, Any]:
@@ -190,10 +250,12 @@ async def convert(
     logger = log.get(job=job_id, source=src, destination=dst)
     s3 = S3Context(settings)
     source = open_source(src, settings, s3)  # one S3 client per job serves both ends
-    sink = None
+    outputs: Outputs | None = None
     siblings: list[Any] = []
     pool = BufferPool(settings.buffers, settings.chunk_size)
+    package: dict[str, Any] = {}
     try:
+        outputs = Outputs(dst, settings, s3, source, hooks)
         await _open_source(source)
         stats.source_size = source.size
         if source.size is not None and source.size > settings.max_virtual_size:
@@ -205,23 +267,19 @@ async def convert(
         if hooks is None or hooks.on_chunk is None:
             # A hook that must see every source byte in order keeps the job on the stream path.
             plan = await plan_ranged(source, settings, stats, pool, s3, siblings)
-        vsize = plan.decoder.info.virtual_size if plan and plan.decoder else source.size
-        bound: int | None = None
-        if vsize is not None:
+        main: Sink | None = None
+        if plan is not None:
+            vsize = plan.decoder.info.virtual_size if plan.decoder else source.size
+            assert vsize is not None
             if settings.output_format == "qcow2":
                 check_geometry(vsize, settings.cluster_size)
-            if plan is not None:  # a sequential source's content may be a sparse image of any size
-                bound = output_bound(vsize, settings)
-        sink = open_sink(dst, settings, s3, bound)
-        if hooks is not None and hooks.on_open is not None:
-            hooks.on_open(source, sink)
-        reserve = settings.cluster_size if settings.output_format == "qcow2" else 0
-        await sink.open(reserve)
+            main = await outputs.open(dst, output_bound(vsize, settings), _reserve(settings))
         logger.info("job started", size=source.size, ranged=source.ranged, etag=source.etag)
-        await _run_stages(source, sink, settings, stats, pool, s3, plan, hooks)
+        await _run_stages(source, outputs, main, settings, stats, pool, s3, plan, hooks, package, siblings)
+        await outputs.commit_deferred()
     except BaseException as exc:
-        if sink is not None:
-            await time_boxed(sink.abort, settings.cleanup_timeout)
+        if outputs is not None:
+            await outputs.abort()
         if isinstance(exc, ImgpipeError):
             logger.info("job failed", stage=exc.stage, error=exc.one_line(), exit_status=exc.exit_status)
         raise
@@ -234,10 +292,19 @@ async def convert(
         with contextlib.suppress(Exception):
             await s3.aclose()
     stats.seconds = time.monotonic() - stats.started
-    stats.output_size = sink.written
+    stats.output_size = outputs.written
     summary = stats.summary()
+    if package:
+        written = {s.spec: s.written for s in outputs.sinks}
+        for out in package.get("outputs", []):
+            out["output_size"] = written.get(out["destination"], 0)
+        summary.update(package)
     logger.info("job done", **{k: v for k, v in summary.items() if k not in ("source", "destination")})
     return summary
+
+
+def _reserve(settings: Settings) -> int:
+    return settings.cluster_size if settings.output_format == "qcow2" else 0
 
 
 @dataclass(slots=True)
@@ -292,8 +359,9 @@ async def plan_ranged(
     except ImgpipeError as exc:
         exc.stage = exc.stage or "sniff"
         raise
-    if match.format in WRAPPERS:
+    if match.format in WRAPPERS or match.format in PACKAGES or match.format in COPIED:
         # Compressed: the content is sequential-only; the stream path peels it (the unwrap stage).
+        # An archive is read as a stream too; a kernel or ramdisk is copied as one.
         return None
     stats.source_format, stats.source_detail = match.format, match.detail
     if match.format not in DECODERS:
@@ -358,30 +426,96 @@ async def _stream_decode(
         reader.release()
 
 
-async def _run_stages(
-    source: Any,
-    sink: Any,
+class _MemberSource:
+    """What a package member looks like to the stages after the package stage: sequential, sized."""
+
+    ranged = False
+    etag = None
+
+    def __init__(self, spec: str, size: int) -> None:
+        self.spec = spec
+        self.size: int | None = size
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        raise AssertionError("a package member is read in one pass")
+
+
+async def _copy_stage(inq: ClosableQueue[Chunk], outq: ClosableQueue[Batch], stats: JobStats) -> None:
+    """A kernel or ramdisk: copied byte for byte (no zero skipping, no footer trimming)."""
+    offset = 0
+    async for chunk in inq:
+        await outq.put(Batch([Extent(offset, chunk.length, chunk, chunk.base)], [chunk]))
+        offset += chunk.length
+    stats.virtual_size = offset
+    await outq.close()
+
+
+def _raise_first(group: BaseExceptionGroup[BaseException], failures: _Failures) -> None:
+    if failures.first is not None:
+        raise failures.first from None
+    raise group.exceptions[0] from None
+
+
+async def _image_stages(
+    inq: ClosableQueue[Chunk],
+    view: StreamView,
+    open_output: Callable[[str | None], Awaitable[Sink]],
     settings: Settings,
     stats: JobStats,
     pool: BufferPool,
-    s3: S3Context,
-    plan: Plan | None = None,
-    hooks: JobHooks | None = None,
+    failures: _Failures,
+    *,
+    unwrap: bool = True,
+    known_tail: bytes | None = None,
+    forced: str | None = None,
+    package: Callable[[ClosableQueue[Chunk]], Awaitable[None]] | None = None,
+    loose_ovf: Callable[[ClosableQueue[Chunk]], Awaitable[None]] | None = None,
 ) -> None:
+    """A sequential image's chunks -> [unwrap] -> sniff -> decode -> zero-skip -> encode -> sink.
+
+    The sink is opened once the format is known: an archive opens one per member (the package
+    stage), a kernel or ramdisk is copied as raw. `forced` skips sniffing (a package's kernel).
+    """
     depth = settings.queue_depth
-    raw_q: ClosableQueue[Chunk] = ClosableQueue(depth)
     sniffed_q: ClosableQueue[Chunk] = ClosableQueue(depth)
     decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
     runs_q: ClosableQueue[Batch] = ClosableQueue(depth)
     out_q: ClosableQueue[Writes | Finish] = ClosableQueue(depth)
     verdict: asyncio.Future[Match] = asyncio.get_running_loop().create_future()
-    failures = _Failures()
-    progress_on = settings.progress if settings.progress is not None else sys.stderr.isatty()
 
-    view = StreamView(source)  # what sniff and decode see: a sequential stream once unwrapped
-
-    async def decode() -> None:
+    async def back(tg: asyncio.TaskGroup) -> None:
         match = await verdict
+        if match.format == "tar":
+            if package is None:
+                raise UnsupportedImage("a tar archive inside a package is not unpacked")
+            stats.source_format, stats.source_detail = "tar", match.detail
+            await package(sniffed_q)
+            return
+        if match.format == "ovf":
+            if loose_ovf is None:
+                raise UnsupportedImage(
+                    "an OVF descriptor inside a package is read by the package, not as a disk"
+                )
+            stats.source_format, stats.source_detail = "ovf", match.detail
+            await loose_ovf(sniffed_q)
+            return
+        if match.format in COPIED:
+            stats.output_format = "raw"
+            sink = await open_output(match.format)
+            tg.create_task(failures.wrap("copy", _copy_stage(sniffed_q, decoded_q, stats)))
+            tg.create_task(failures.wrap("encode", raw_encode_stage(decoded_q, out_q, stats)))
+            tg.create_task(failures.wrap("sink", sink.run(out_q)))
+            return
+        sink = await open_output(None)
+        if settings.output_format == "qcow2":
+            encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
+        else:
+            encode = raw_encode_stage(runs_q, out_q, stats)
+        tg.create_task(
+            failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats))
+        )
+        tg.create_task(failures.wrap("encode", encode))
+        tg.create_task(failures.wrap("sink", sink.run(out_q)))
         if match.format in DECODERS:
             await _stream_decode(match, sniffed_q, decoded_q, pool, view, settings, stats)
         elif match.format in ("raw", "iso"):
@@ -389,50 +523,261 @@ async def _run_stages(
         else:
             raise UnsupportedImage(f"no decoder for {match.format}")  # sniff refuses these first
 
-    if settings.output_format == "qcow2":
-        encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
-    else:
-        encode = raw_encode_stage(runs_q, out_q, stats)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            q = inq
+            if forced is not None:
+                stats.source_format = forced
+                verdict.set_result(Match(forced))
+                tg.create_task(failures.wrap("copy", _pass(q, sniffed_q)))
+            else:
+                if unwrap:
+                    q = ClosableQueue(depth)
+                    tg.create_task(failures.wrap("unwrap", unwrap_stage(view, inq, q, settings, stats)))
+                tg.create_task(
+                    failures.wrap("sniff", sniff_stage(view, q, sniffed_q, verdict, stats, known_tail))
+                )
+            tg.create_task(failures.wrap("decode", back(tg)))
+    except BaseExceptionGroup as group:
+        _raise_first(group, failures)
+
+
+async def _pass(inq: ClosableQueue[Chunk], outq: ClosableQueue[Chunk]) -> None:
+    async for chunk in inq:
+        await outq.put(chunk)
+    await outq.close()
+
+
+async def _run_stages(
+    source: Any,
+    outputs: Outputs,
+    main: Sink | None,
+    settings: Settings,
+    stats: JobStats,
+    pool: BufferPool,
+    s3: S3Context,
+    plan: Plan | None = None,
+    hooks: JobHooks | None = None,
+    package: dict[str, Any] | None = None,
+    siblings: list[Any] | None = None,
+) -> None:
+    depth = settings.queue_depth
+    raw_q: ClosableQueue[Chunk] = ClosableQueue(depth)
+    failures = _Failures()
+    progress_on = settings.progress if settings.progress is not None else sys.stderr.isatty()
+    view = StreamView(source)  # what sniff and decode see: a sequential stream once unwrapped
+
+    async def open_main(kind: str | None) -> Sink:
+        if main is not None:
+            return main
+        if kind is not None:
+            return await outputs.open(outputs.dst, None, 0, kind=kind)
+        if settings.output_format == "qcow2" and stats.virtual_size:
+            check_geometry(stats.virtual_size, settings.cluster_size)
+        return await outputs.open(outputs.dst, None, _reserve(settings))
+
+    def package_context() -> PackageContext:
+        return PackageContext(
+            spec=source.spec,
+            dst=outputs.dst,
+            output_format=settings.output_format,
+            disk_choice=settings.disk,
+            queue_depth=depth,
+            chunk_size=settings.chunk_size,
+            convert=functools.partial(_convert_member, outputs=outputs, settings=settings, parent=stats),
+        )
+
+    async def run_package(inq: ClosableQueue[Chunk]) -> None:
+        ctx = package_context()
+        await package_stage(inq, ctx, layer_pool(settings))
+        if package is not None:
+            package.update(ctx.report)
+
+    async def run_loose_ovf(inq: ClosableQueue[Chunk]) -> None:
+        ctx = package_context()
+        report = await _loose_ovf(inq, ctx, source, settings, s3, pool, stats, siblings)
+        if package is not None:
+            package.update(report)
+
     try:
         async with asyncio.TaskGroup() as tg:
             progress = asyncio.create_task(_progress(stats, progress_on))
             if plan is not None and plan.decoder is not None:
                 # Ranged sparse image: the decoder reads what it needs; nothing streams the whole file.
+                assert main is not None
+                decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
+                runs_q: ClosableQueue[Batch] = ClosableQueue(depth)
+                out_q: ClosableQueue[Writes | Finish] = ClosableQueue(depth)
+                if settings.output_format == "qcow2":
+                    encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
+                else:
+                    encode = raw_encode_stage(runs_q, out_q, stats)
                 tg.create_task(
                     failures.wrap(
                         "decode",
                         decode_stage(plan.decoder, pool, decoded_q, settings.read_concurrency, stats),
                     )
                 )
-            elif hooks is not None:
+                tg.create_task(
+                    failures.wrap(
+                        "zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats)
+                    )
+                )
+                tg.create_task(failures.wrap("encode", encode))
+                tg.create_task(failures.wrap("sink", main.run(out_q)))
+                return
+            if hooks is not None:
                 tapped_q: ClosableQueue[Chunk] = ClosableQueue(depth)
                 tg.create_task(failures.wrap("source", source.produce(pool, tapped_q, stats.read)))
                 tg.create_task(failures.wrap("verify", _tap_stage(tapped_q, raw_q, hooks)))
             else:
                 tg.create_task(failures.wrap("source", source.produce(pool, raw_q, stats.read)))
-            if plan is None or plan.decoder is None:
-                known = plan.tail if plan is not None else None
-                sniff_in = raw_q
-                if plan is None:
-                    # Not sniffed yet: maybe compressed. A ranged plan already knows it is not.
-                    sniff_in = ClosableQueue(depth)
-                    tg.create_task(
-                        failures.wrap("unwrap", unwrap_stage(view, raw_q, sniff_in, settings, stats))
-                    )
-                tg.create_task(
-                    failures.wrap("sniff", sniff_stage(view, sniff_in, sniffed_q, verdict, stats, known))
-                )
-                tg.create_task(failures.wrap("decode", decode()))
             tg.create_task(
-                failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats))
+                _image_stages(
+                    raw_q,
+                    view,
+                    open_main,
+                    settings,
+                    stats,
+                    pool,
+                    failures,
+                    # A ranged plan already sniffed: not compressed, and its tail is known.
+                    unwrap=plan is None,
+                    known_tail=plan.tail if plan is not None else None,
+                    package=run_package,
+                    loose_ovf=run_loose_ovf,
+                )
             )
-            tg.create_task(failures.wrap("encode", encode))
-            tg.create_task(failures.wrap("sink", sink.run(out_q)))
     except BaseExceptionGroup as group:
-        if failures.first is not None:
-            raise failures.first from None
-        raise group.exceptions[0] from None
+        _raise_first(group, failures)
     finally:
         progress.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await progress
+
+
+async def _convert_member(
+    inq: ClosableQueue[Chunk], target: Any, *, outputs: Outputs, settings: Settings, parent: JobStats
+) -> dict[str, Any]:
+    """One disk, kernel or ramdisk of a package, from its chunks to its own (deferred) output."""
+    stats = JobStats(source=f"{parent.source}#{target.member}", destination=target.spec)
+    stats.output_format = settings.output_format
+    stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
+    stats.compression = settings.compress
+    sinks: list[Sink] = []
+
+    async def open_output(kind: str | None) -> Sink:
+        if target.kind != "disk" and kind is None:
+            raise UnsupportedImage(
+                f"package member {target.member} is named like a {target.kind} but is a disk image"
+            )
+        if target.kind == "disk" and kind is not None:
+            raise UnsupportedImage(f"package member {target.member} is a {kind}, not a disk image")
+        reserve = 0 if kind is not None else _reserve(settings)
+        sink = await outputs.open(target.spec, None, reserve, deferred=True, kind=target.kind)
+        sinks.append(sink)
+        return sink
+
+    view = StreamView(_MemberSource(stats.source, target.size))
+    forced = target.kind if target.kind != "disk" else None
+    await _image_stages(
+        inq, view, open_output, settings, stats, layer_pool(settings), _Failures(), forced=forced
+    )
+    vsize = stats.virtual_size
+    if target.expect_format is not None and stats.source_format != target.expect_format:
+        raise CorruptImage(
+            f"OVF says disk {target.disk_id} ({target.member}) is {target.expect_format}, "
+            f"but the file is {stats.source_format or 'empty'}"
+        )
+    if target.capacity is not None and vsize != target.capacity:
+        raise CorruptImage(
+            f"OVF says disk {target.disk_id} holds {target.capacity} bytes, its file {target.member} "
+            f"holds {vsize}"
+        )
+    return {
+        "destination": target.spec,
+        "kind": target.kind,
+        "member": target.member,
+        "disk_id": target.disk_id,
+        "index": target.index,
+        "source_format": stats.source_format,
+        "source_detail": stats.source_detail,
+        "source_wrappers": stats.source_wrappers,
+        "output_format": stats.output_format,
+        "virtual_size": vsize,
+        "output_size": sinks[0].written if sinks else 0,
+        "data_clusters": stats.data_clusters,
+        "zero_bytes_skipped": stats.zero_bytes_skipped,
+    }
+
+
+def _sibling_spec(spec: str, name: str) -> str:
+    """An object beside SRC: same bucket and prefix, same URL directory, or same local directory."""
+    if spec.startswith(("s3://", "http://", "https://")):
+        return f"{spec.split('?', 1)[0].rsplit('/', 1)[0]}/{name}"
+    return os.path.join(os.path.dirname(os.path.abspath(spec)), name)
+
+
+async def _loose_ovf(
+    inq: ClosableQueue[Chunk],
+    ctx: PackageContext,
+    source: Any,
+    settings: Settings,
+    s3: S3Context,
+    pool: BufferPool,
+    stats: JobStats,
+    siblings: list[Any] | None,
+) -> dict[str, Any]:
+    """SRC is an OVF descriptor: its manifest (NAME.mf, if there is one) and its disks are the objects
+    beside it, each streamed once through the same checks as an OVA's members."""
+    data = bytearray()
+    async for chunk in inq:
+        data += chunk.view()
+        chunk.release()
+        if len(data) > MAX_DESCRIPTOR:
+            raise UnsafeImage(f"OVF descriptor is over {MAX_DESCRIPTOR >> 20} MiB")
+    pkg = Package(ctx, layer_pool(settings))
+    name = os.path.basename(source.spec.split("?", 1)[0])
+    pkg.hash_bytes(name, bytes(data))
+    stem = name.rsplit(".", 1)[0]
+
+    async def read(href: str, optional: bool) -> Any:
+        sib = open_source(_sibling_spec(source.spec, href), settings, s3)
+        if siblings is not None:
+            siblings.append(sib)
+        try:
+            await sib.open()
+        except ImgpipeError as exc:
+            if optional and is_missing(exc):
+                return None
+            exc.stage = exc.stage or "source"
+            raise
+        return sib
+
+    mf = await read(f"{stem}.mf", optional=True)
+    if mf is not None:
+        body = await _read_whole(mf, pool, stats, 1 << 20)
+        pkg.manifest_member(f"{stem}.mf", body)
+    await pkg.descriptor_member(name, bytes(data))
+    for href in list(pkg.ova_disks):
+        sib = await read(href, optional=False)
+        q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(sib.produce(pool, q, stats.read))
+            await pkg.content_member(href, sib.size or 0, chunk_views(q))
+    await pkg.finish()
+    return pkg.report()
+
+
+async def _read_whole(src: Any, pool: BufferPool, stats: JobStats, limit: int) -> bytes:
+    if src.size is not None and src.size > limit:
+        raise UnsafeImage(f"{src.spec} is {src.size} bytes, more than the {limit >> 20} MiB allowed")
+    q: ClosableQueue[Chunk] = ClosableQueue(2)
+    out = bytearray()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(src.produce(pool, q, stats.read))
+        async for view in chunk_views(q):
+            out += view
+            if len(out) > limit:
+                raise UnsafeImage(f"{src.spec} is more than the {limit >> 20} MiB allowed")
+    return bytes(out)

@@ -78,6 +78,8 @@ class Settings:
     # gzip, xz, bzip2 and zstd inputs: beyond the first 64 MiB, decompressed bytes may not exceed this
     # many times the compressed bytes read so far (a decompression bomb is refused, exit 3).
     max_decompression_ratio: int = 2000
+    # Packages (OVA, tarballs): convert only their Nth disk (1-based); None converts every disk.
+    disk: int | None = None
     # S3 destination.
     part_size: int = 8 * MiB
     upload_concurrency: int = 4
@@ -93,6 +95,8 @@ class Settings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Settings:
+        if self.disk is not None and self.disk < 1:
+            raise UsageError(f"--disk counts a package's disks from 1 (got {self.disk})")
         if self.output_format not in ("qcow2", "raw"):
             raise UsageError(f"--output-format must be qcow2 or raw, not {self.output_format!r}")
         if not (_is_pow2(self.cluster_size) and MIN_CLUSTER <= self.cluster_size <= MAX_CLUSTER):
