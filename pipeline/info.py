@@ -14,17 +14,19 @@ from typing import Any
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
-from pipeline.errors import ImgpipeError, InputRefused
+from pipeline.errors import ImgpipeError, InputRefused, UnsafeImage
 from pipeline.formats import sniff
 from pipeline.formats.layout import Decoder, ImageInfo
-from pipeline.formats.probes import HEAD_BYTES
+from pipeline.formats.probes import HEAD_BYTES, PACKAGES, WRAPPERS
 from pipeline.formats.readers import StreamReader
 from pipeline.formats.registry import DECODERS
+from pipeline.package.ovf import MAX_DESCRIPTOR, parse_ovf
 from pipeline.runner import plan_ranged
 from pipeline.s3util import S3Context
 from pipeline.settings import Settings
 from pipeline.sources import open_source
 from pipeline.stats import JobStats
+from pipeline.unwrap import StreamView, layer_pool, unwrap_stage
 
 
 async def _allocated(decoder: Decoder) -> int:
@@ -59,7 +61,7 @@ async def describe(src: str, settings: Settings) -> dict[str, Any]:
             else:
                 info = ImageInfo(plan.match.format, plan.match.detail, source.size or 0, 0, source.size)
         else:
-            info = await _describe_stream(source, settings, pool, stats)
+            info = await _describe_stream(source, settings, pool, stats, out)
     except InputRefused as exc:
         out.update(format=stats.source_format or None, verdict="refused", reason=exc.one_line())
         exc.details = out  # type: ignore[attr-defined]
@@ -72,6 +74,9 @@ async def describe(src: str, settings: Settings) -> dict[str, Any]:
                 await closing.close()
         with contextlib.suppress(Exception):
             await s3.aclose()
+    if "package" in out:
+        out.update(format=info.format, verdict="accepted")
+        return out
     checks = info.details.pop("checks", None)
     out.update(
         format=info.format,
@@ -86,25 +91,40 @@ async def describe(src: str, settings: Settings) -> dict[str, Any]:
     return out
 
 
-async def _describe_stream(source: Any, settings: Settings, pool: BufferPool, stats: JobStats) -> ImageInfo:
+async def _describe_stream(
+    source: Any, settings: Settings, pool: BufferPool, stats: JobStats, out: dict[str, Any]
+) -> ImageInfo:
+    raw_q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
     q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
+    view = StreamView(source)
     held: list[Chunk] = []
-    producer = asyncio.create_task(source.produce(pool, q, stats.read))
+    tasks = [
+        asyncio.create_task(source.produce(pool, raw_q, stats.read)),
+        asyncio.create_task(unwrap_stage(view, raw_q, q, settings, stats)),
+    ]
     try:
         head = bytearray()
         while len(head) < HEAD_BYTES:
-            chunk = await q.get()
+            chunk = await _next(q, tasks)
             if chunk is None:
                 break
             held.append(chunk)
             head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
         eof = len(head) < HEAD_BYTES
-        size = source.size if source.size is not None else (len(head) if eof else None)
+        size = view.size if view.size is not None else (len(head) if eof else None)
         tail = bytes(head[-512:]) if eof else None
-        match = sniff.decide(bytes(head), tail, size)
+        match = view.payload or sniff.decide(bytes(head), tail, size)
         stats.source_format = match.format
+        if view.wrappers:
+            out["wrappers"] = list(view.wrappers)
+        if match.format in PACKAGES:
+            replay: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
+            tasks.append(asyncio.create_task(_replay(held, q, replay)))
+            held = []
+            out["package"] = await _describe_package(source, match.format, replay, settings)
+            return ImageInfo(match.format, match.detail, 0, 0)
         if match.format in DECODERS:
-            reader = StreamReader(q, source.size, settings.reorder_buffer, held)
+            reader = StreamReader(q, view.size, settings.reorder_buffer, held)
             held = []
             try:
                 return await DECODERS[match.format](reader, settings).open()
@@ -115,16 +135,104 @@ async def _describe_stream(source: Any, settings: Settings, pool: BufferPool, st
             for c in held:
                 c.release()
             held = []
-            async for chunk in q:
+            while (chunk := await _next(q, tasks)) is not None:
                 size += chunk.length
                 chunk.release()
         return ImageInfo(match.format, match.detail, size, 0, size)
     finally:
         for c in held:
             c.release()
-        producer.cancel()
-        with contextlib.suppress(BaseException):
-            await producer
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _next(q: ClosableQueue[Chunk], tasks: list[asyncio.Task[None]]) -> Chunk | None:
+    """The next chunk, or the error of the stage that failed to produce it."""
+    get = asyncio.ensure_future(q.get())
+    await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if not get.done():
+        get.cancel()
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return await q.get()
+    return get.result()
+
+
+async def _replay(held: list[Chunk], q: ClosableQueue[Chunk], out: ClosableQueue[Chunk]) -> None:
+    for chunk in held:
+        await out.put(chunk)
+    async for chunk in q:
+        await out.put(chunk)
+    await out.close()
+
+
+async def _describe_package(
+    source: Any, kind: str, q: ClosableQueue[Chunk], settings: Settings
+) -> dict[str, Any]:
+    """Every member as it streams by: OVF and manifest parsed, digests checked, each disk sniffed and
+    its header read (its virtual size); nothing is written."""
+    from pipeline.package.run import Package, PackageContext, Target, check_against_ovf
+
+    async def member(mq: ClosableQueue[Chunk], target: Target) -> dict[str, Any]:
+        fmt, vsize, detail = target.kind, target.size, ""
+        if target.kind == "disk":
+            first = await mq.get()
+            head = bytes(first.view(0, HEAD_BYTES)) if first is not None else b""
+            m = sniff.decide(head, None, None, allow_wrappers=True)
+            fmt, detail = m.format, m.detail
+            if m.format in DECODERS and first is not None:
+                reader = StreamReader(mq, target.size, settings.reorder_buffer, [first])
+                first = None
+                try:
+                    vsize = (await DECODERS[m.format](reader, settings).open()).virtual_size
+                    await reader.drain()
+                finally:
+                    reader.release()
+            if first is not None:
+                first.release()
+        async for chunk in mq:
+            chunk.release()
+        if target.kind == "disk":
+            check_against_ovf(target, fmt, vsize)
+        return {
+            "member": target.member,
+            "kind": target.kind,
+            "disk_id": target.disk_id,
+            "index": target.index,
+            "size": target.size,
+            "format": fmt,
+            "detail": detail,
+            "virtual_size": vsize if fmt not in WRAPPERS else None,
+            "ovf_capacity": target.capacity,
+        }
+
+    if kind == "ovf":
+        # A loose descriptor: what it says; its disks are objects of their own (give them to info).
+        data = bytearray()
+        async for chunk in q:
+            data += chunk.view()
+            chunk.release()
+            if len(data) > MAX_DESCRIPTOR:
+                raise UnsafeImage(f"OVF descriptor is over {MAX_DESCRIPTOR >> 20} MiB")
+        return {"package": "ovf", "ovf": parse_ovf(bytes(data)).to_json()}
+    ctx = PackageContext(
+        spec=source.spec,
+        dst="{index}",
+        output_format=settings.output_format,
+        disk_choice=None,
+        queue_depth=settings.queue_depth,
+        chunk_size=settings.chunk_size,
+        convert=member,
+    )
+    report = await Package(ctx, layer_pool(settings)).run(q)
+    for out in report["outputs"]:
+        out.pop("destination", None)
+    report["members"] = report.pop("outputs")
+    return report
 
 
 def human(d: dict[str, Any]) -> str:
@@ -132,6 +240,8 @@ def human(d: dict[str, Any]) -> str:
     if d.get("verdict") == "refused":
         lines += [f"format: {d.get('format') or 'unknown'}", f"verdict: refused: {d['reason']}"]
         return "\n".join(lines)
+    if d.get("package"):
+        return "\n".join(lines + _human_package(d))
     sub = f" ({d['subformat']})" if d.get("subformat") else ""
     lines.append(f"format: {d['format']}{sub}")
     lines.append(f"virtual size: {d['virtual_size']} bytes ({d['virtual_size'] / 2**30:.3g} GiB)")
@@ -146,3 +256,29 @@ def human(d: dict[str, Any]) -> str:
     lines.append(f"verdict: accepted ({'; '.join(d['checks'])})")
     lines.append(f"fetched: {d['source_bytes_fetched']} bytes in {d['source_requests']} requests")
     return "\n".join(lines)
+
+
+def _human_package(d: dict[str, Any]) -> list[str]:
+    p = d["package"]
+    wrapped = f" in {' in '.join(reversed(d['wrappers']))}" if d.get("wrappers") else ""
+    lines = [f"format: {p['package']} package{wrapped}"]
+    ovf = p.get("ovf")
+    if ovf:
+        lines.append(
+            f"OVF: name {ovf.get('name')}, OS {ovf.get('os_type')}, {ovf.get('cpus')} CPU, "
+            f"{ovf.get('memory_mib')} MiB memory, {len(ovf.get('disks', []))} disk(s)"
+        )
+    if p["package"] == "ovf" and ovf:
+        for disk in ovf.get("disks", []):
+            lines.append(
+                f"  disk {disk['disk_id']}: {disk['href']}, capacity {disk['capacity']}, {disk['format']}"
+            )
+    for m in p.get("members", []):
+        vs = f", virtual size {m['virtual_size']}" if m.get("virtual_size") is not None else ""
+        lines.append(f"  {m['kind']} {m['member']}: {m['format']}{vs}, {m['size']} bytes")
+    if p.get("skipped_members"):
+        lines.append(f"  skipped: {', '.join(p['skipped_members'])}")
+    if "manifest" in p:
+        lines.append(f"manifest: {p['manifest']}")
+    lines.append("verdict: accepted")
+    return lines

@@ -21,7 +21,6 @@ from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import (
-    CorruptImage,
     ImgpipeError,
     SinkError,
     SourceError,
@@ -39,7 +38,7 @@ from pipeline.formats.readers import RangedReader, StreamReader
 from pipeline.formats.registry import DECODERS
 from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.package.ovf import MAX_DESCRIPTOR
-from pipeline.package.run import Package, PackageContext, chunk_views, package_stage
+from pipeline.package.run import Package, PackageContext, check_against_ovf, chunk_views, package_stage
 from pipeline.qcow2.writer import check_geometry
 from pipeline.s3util import S3Context
 from pipeline.settings import Settings, TiB
@@ -200,7 +199,8 @@ class Outputs:
         self.source = source
         self.hooks = hooks
         self.sinks: list[Sink] = []
-        open_sink(dst, settings, s3, None)  # a DST that cannot work is a usage error before any read
+        if not dst.endswith("/") and "{" not in dst:  # a prefix or a template: a package's outputs
+            open_sink(dst, settings, s3, None)  # a DST that cannot work is a usage error before any read
 
     async def open(
         self, spec: str, bound: int | None, reserve: int, deferred: bool = False, kind: str | None = None
@@ -589,13 +589,21 @@ async def _run_stages(
 
     async def run_package(inq: ClosableQueue[Chunk]) -> None:
         ctx = package_context()
-        await package_stage(inq, ctx, layer_pool(settings))
+        try:
+            await package_stage(inq, ctx, layer_pool(settings))
+        except ImgpipeError as exc:
+            exc.stage = exc.stage or "package"
+            raise
         if package is not None:
             package.update(ctx.report)
 
     async def run_loose_ovf(inq: ClosableQueue[Chunk]) -> None:
         ctx = package_context()
-        report = await _loose_ovf(inq, ctx, source, settings, s3, pool, stats, siblings)
+        try:
+            report = await _loose_ovf(inq, ctx, source, settings, s3, pool, stats, siblings)
+        except ImgpipeError as exc:
+            exc.stage = exc.stage or "package"
+            raise
         if package is not None:
             package.update(report)
 
@@ -680,20 +688,16 @@ async def _convert_member(
 
     view = StreamView(_MemberSource(stats.source, target.size))
     forced = target.kind if target.kind != "disk" else None
-    await _image_stages(
-        inq, view, open_output, settings, stats, layer_pool(settings), _Failures(), forced=forced
-    )
+    try:
+        await _image_stages(
+            inq, view, open_output, settings, stats, layer_pool(settings), _Failures(), forced=forced
+        )
+    except ImgpipeError as exc:
+        # Say which member: "disk2.vmdk: decode: vmdk: ..."
+        exc.stage = f"{target.member}: {exc.stage}" if exc.stage else target.member
+        raise
     vsize = stats.virtual_size
-    if target.expect_format is not None and stats.source_format != target.expect_format:
-        raise CorruptImage(
-            f"OVF says disk {target.disk_id} ({target.member}) is {target.expect_format}, "
-            f"but the file is {stats.source_format or 'empty'}"
-        )
-    if target.capacity is not None and vsize != target.capacity:
-        raise CorruptImage(
-            f"OVF says disk {target.disk_id} holds {target.capacity} bytes, its file {target.member} "
-            f"holds {vsize}"
-        )
+    check_against_ovf(target, stats.source_format, vsize)
     return {
         "destination": target.spec,
         "kind": target.kind,

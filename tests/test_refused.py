@@ -94,15 +94,15 @@ def _tar_bytes() -> bytes:
     bio = io.BytesIO()
     with tarfile.open(fileobj=bio, mode="w") as tf:
         data = b"x" * 5000
-        info = tarfile.TarInfo("disk.img")
+        info = tarfile.TarInfo("notes.txt")
         info.size = len(data)
         tf.addfile(info, io.BytesIO(data))
     return bio.getvalue()
 
 
-def test_tar_is_refused_by_name(tmp_path: Path) -> None:
-    """A tar (an OVA or a UEC tarball) is not converted yet, neither bare nor inside a compressed
-    wrapper (gzip, xz, bzip2 and zstd themselves now convert: tests/test_wrappers.py)."""
+def test_tar_without_a_disk_is_refused(tmp_path: Path) -> None:
+    """A tar is read as a package (tests/test_packages.py); one with no OVF and no member named like a
+    disk image is refused, bare or inside a compressed wrapper, and never copied as a raw disk."""
     for name, data in (("packed.tar", _tar_bytes()), ("packed.tar.gz", gzip.compress(_tar_bytes()))):
         src = tmp_path / name
         src.write_bytes(data)
@@ -110,8 +110,8 @@ def test_tar_is_refused_by_name(tmp_path: Path) -> None:
         p = imgpipe("convert", str(src), str(dst))
         assert p.returncode == 3
         line = error_line(p)
-        assert "is a tar" in line
-        assert "does not convert" in line
+        assert "holds no disk image" in line
+        assert "notes.txt" in line
         assert not dst.exists()
 
 

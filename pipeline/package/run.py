@@ -71,6 +71,20 @@ class Target:
     expect_format: str | None = None  # "vmdk" when the OVF says so
 
 
+def check_against_ovf(target: Target, source_format: str, virtual_size: int) -> None:
+    """What the OVF says of a disk must be what its file is: a mismatch refuses the package."""
+    if target.expect_format is not None and source_format != target.expect_format:
+        raise CorruptImage(
+            f"OVF says disk {target.disk_id} ({target.member}) is {target.expect_format}, "
+            f"but the file is {source_format or 'empty'}"
+        )
+    if target.capacity is not None and virtual_size != target.capacity:
+        raise CorruptImage(
+            f"OVF says disk {target.disk_id} holds {target.capacity} bytes, its file {target.member} "
+            f"holds {virtual_size}"
+        )
+
+
 # Runs one member's conversion from its chunk queue; returns the member's summary (without digests).
 ConvertMember = Callable[[ClosableQueue[Chunk], Target], Coroutine[Any, Any, dict[str, Any]]]
 
@@ -303,9 +317,16 @@ class Package:
     ) -> dict[str, Any]:
         q: ClosableQueue[Chunk] = ClosableQueue(self.ctx.queue_depth)
         self.log.info("member", member=target.member, kind=target.kind, destination=target.spec)
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(self.ctx.convert(q, target))
-            await _feed(pieces, q, self.pool, hashers)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(self.ctx.convert(q, target))
+                await _feed(pieces, q, self.pool, hashers)
+        except BaseExceptionGroup as group:
+            # The member's own error, not a group of one: it carries the member's name and stage.
+            for exc in group.exceptions:
+                if not isinstance(exc, asyncio.CancelledError):
+                    raise exc from None
+            raise
         result: dict[str, Any] = task.result()
         return result
 
