@@ -57,6 +57,7 @@ from pipeline.workerconfig import RUNTIME_RESERVE, WorkerConfig
 
 # hashlib releases the GIL for buffers over 2 KiB; below this a thread hop costs more than the hash.
 _THREAD_HASH_MIN = 256 * 1024
+_TAG_WAIT_TRIES = 8  # x 0.25 s: how long a duplicate waits for the writer's digest tag
 _META_PREFIX = "imgpipe-"
 
 
@@ -530,11 +531,17 @@ class Worker:
         loc = parse_s3_url(dst)
         client = await self.s3.client()
         details: dict[str, Any] = {"output_size": int(head["ContentLength"])}
-        with contextlib.suppress(ClientError, BotoCoreError):
-            tags = await client.get_object_tagging(Bucket=loc.bucket, Key=loc.key)
-            for tag in tags.get("TagSet", []):
-                if tag["Key"] == f"{_META_PREFIX}sha256":
-                    details["source_sha256"] = tag["Value"]
+        # The worker that wrote the object tags it with the source's digest just after its commit: one
+        # that lost the race to it may look in between, so it waits a little for the tag.
+        for attempt in range(_TAG_WAIT_TRIES):
+            with contextlib.suppress(ClientError, BotoCoreError):
+                tags = await client.get_object_tagging(Bucket=loc.bucket, Key=loc.key)
+                for tag in tags.get("TagSet", []):
+                    if tag["Key"] == f"{_META_PREFIX}sha256":
+                        details["source_sha256"] = tag["Value"]
+                        return details
+            if attempt + 1 < _TAG_WAIT_TRIES:
+                await asyncio.sleep(0.25)
         return details
 
     async def _abort_stale_uploads(self, dst: str) -> None:

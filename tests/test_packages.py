@@ -220,7 +220,7 @@ def test_package_from_http(tmp_path: Path, made: dict[str, Any], http: RangeHTTP
     assert http.bytes_sent() <= made[name].stat().st_size + 64 * 1024
 
 
-@pytest.mark.parametrize("name", ["two.ova", "uec.tar.gz"])
+@pytest.mark.parametrize("name", list(EXPECT))
 def test_package_from_s3_to_s3(
     tmp_path: Path, made: dict[str, Any], store: S3Store, bucket: str, name: str
 ) -> None:

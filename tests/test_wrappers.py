@@ -190,17 +190,16 @@ def test_wrapped_from_pipe(tmp_path: Path, made: dict[str, Path]) -> None:
     _check(made, "img.gz", dst, s)
 
 
-def test_wrapped_qcow2_from_s3_to_s3(
-    tmp_path: Path, made: dict[str, Path], store: S3Store, bucket: str
+@pytest.mark.parametrize("name", list(EXPECT))
+def test_wrapped_from_s3_to_s3(
+    tmp_path: Path, made: dict[str, Path], store: S3Store, bucket: str, name: str
 ) -> None:
-    store.client().upload_file(str(made["qcow2.gz"]), bucket, "in/disk.qcow2.gz")
-    p = imgpipe(
-        "convert", f"s3://{bucket}/in/disk.qcow2.gz", f"s3://{bucket}/out.qcow2", "--json", env=store.env({})
-    )
+    store.client().upload_file(str(made[name]), bucket, "in/disk")
+    p = imgpipe("convert", f"s3://{bucket}/in/disk", f"s3://{bucket}/out.qcow2", "--json", env=store.env({}))
     s = summary_of(p)
     out = tmp_path / "out.qcow2"
     store.client().download_file(bucket, "out.qcow2", str(out))
-    _check(made, "qcow2.gz", out, s)
+    _check(made, name, out, s)
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,8 @@ class S3Sink(Sink):
             raise SinkError(f"{self.spec}: the output stream ended without its end marker")
         if not self.deferred:
             await self._complete()
+        else:
+            self._free.clear()  # a package's later outputs must not find this one's part buffers held
 
     async def commit(self) -> None:
         await self._complete()
