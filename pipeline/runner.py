@@ -407,10 +407,10 @@ async def _stream_decode(
     stats: JobStats,
 ) -> None:
     """A sparse format from a sequential source: decode in one pass through the stream reader."""
-    if source.wrappers:
-        # The source side of the job's pool may be all held by compressed chunks waiting for the
-        # unwrap stage, which waits for this decoder: its output comes from a pool of its own.
-        pool = layer_pool(settings)
+    # The source side of the job's pool may be all held by chunks queued on the way to this decoder
+    # (source -> unwrap -> sniff -> here: more chunks than the pool has), which waits for them: its
+    # output comes from a pool of its own. A 1 GiB streamOptimized VMDK over HTTP deadlocked without.
+    pool = layer_pool(settings)
     reader = StreamReader(inq, source.size, settings.reorder_buffer)
     try:
         decoder = DECODERS[match.format](reader, settings)

@@ -216,6 +216,25 @@ def test_sequential_sources_one_pass(tmp_path: Path, http: RangeHTTPServer, subf
     qemu_compare(raw, dst)
 
 
+def test_qemu_stream_with_empty_grain_tables_from_a_sequential_source(
+    tmp_path: Path, http: RangeHTTPServer
+) -> None:
+    """qemu allocates every grain table of a streamOptimized file, most of them empty. A compressed
+    grain's end was bounded by the next table even when empty, so the last grain of a table reached to
+    the end of the file and a forward reader could not come back for the grains between. With a small
+    chunk pool the queues before the decoder also held every chunk its output needed (a deadlock)."""
+    raw = bytearray(130 * MiB)
+    rng = random.Random(5)
+    for at in (0, 3 * MiB, 70 * MiB, 129 * MiB):  # grain tables 0, 2 and 4 hold grains; 1 and 3 none
+        raw[at : at + 300 * KiB] = rng.randbytes(300 * KiB)
+    (tmp_path / "disk.raw").write_bytes(raw)
+    to_vmdk(tmp_path / "disk.raw", tmp_path / "www" / "in.vmdk", "streamOptimized")
+    dst = tmp_path / "out.qcow2"
+    env = {"IMGPIPE_CHUNK_SIZE": "64K", "IMGPIPE_BUFFERS": "6", "IMGPIPE_REORDER_BUFFER": "1M"}
+    convert_ok(http.url("/norange/in.vmdk"), dst, tmp_path / "disk.raw", env=env)
+    assert http.request_count() == 1
+
+
 def test_info_reads_only_the_tables(tmp_path: Path, http: RangeHTTPServer) -> None:
     raw = pattern_disk(tmp_path / "disk.raw", 30 * MiB, seed=2)
     img = to_vmdk(raw, tmp_path / "www" / "in.vmdk", "streamOptimized")

@@ -544,10 +544,28 @@ class _SparseExtent(_Extent):
         h = self.active
         span = self.grain * h.num_gtes
         allocated = [t for t, sec in enumerate(self.gd) if sec and t * span < self.length]
+        zero = GTE_ZERO if h.zero_grains else 0
+        empty: set[int] = set()  # tables seen to hold no grain while looking ahead
+        ahead_i, ahead = -1, None  # the next table after the current one that holds a grain
         for i, t in enumerate(allocated):
+            if t in empty:
+                continue
             table = await self._table(t)
             nxt = allocated[i + 1] if i + 1 < len(allocated) else None
-            after = await self._table(nxt) if h.compressed and nxt is not None else None
+            if h.compressed and ahead_i <= i:
+                # A compressed grain ends where the next grain in the file starts: look in the next
+                # table that has one. qemu allocates every table, most of them empty; bounding by an
+                # empty one made the last grain of a table reach to the end of the file, and a forward
+                # reader cannot come back for the grains in between.
+                ahead_i, ahead = len(allocated), None
+                for k in range(i + 1, len(allocated)):
+                    cand = await self._table(allocated[k])
+                    if len(cand) and max(cand) > zero:
+                        ahead_i, ahead = k, cand
+                        break
+                    empty.add(allocated[k])
+                    self._tables.pop(allocated[k], None)
+            after = ahead if h.compressed else None
             for p in self._table_pieces(t, table, nxt, after):
                 if p.codec and h.markers and self.reader.size is None and p.stored == self._most:
                     # Nothing known after this grain (the last one, from a stream of unknown length):
