@@ -746,6 +746,14 @@ def row_wrapped(ctx: Ctx, name: str) -> Row:
             f"peer steps (medians): curl {med[0]:.1f} s + {w.unpack[0]} -d {med[1]:.1f} s "
             f"+ qemu-img {med[2]:.1f} s"
         )
+        # Decompression alone, once: for xz it is the floor under ours too (the same single-threaded
+        # liblzma decodes every byte), so it says how far below the peer a one-thread decoder can go.
+        alone = f"{shlex.join([*w.unpack, '-c', str(img)])} > /dev/null"
+        m = ctx.run(["sh", "-c", alone], env, f"{name} reference: {alone}")
+        row.notes.append(
+            f"reference, once: `{shlex.join(w.unpack)} -c` to /dev/null took {m.wall:.1f} s "
+            f"({m.cpu:.1f} s CPU), {m.wall / row.peer.wall:.2f}x the peer"
+        )
     if row.ours is not None:
         rss_ok = row.ours.rss <= 200 * MIB
         row.notes.append(
