@@ -1209,7 +1209,9 @@ def resolve_converter(cmd: str) -> list[str]:
                 f"converter {exe} not found (relative paths are tried from {REPO} too); "
                 "use --converter CMD, e.g. --converter tests/bench/fake_converter.sh"
             )
-        argv[0] = str(p.resolve())
+        # absolute(), not resolve(): a venv's bin/python is a symlink to the base interpreter, and resolving
+        # it would run that interpreter without the venv's packages (--converter "VENV/bin/python -m X")
+        argv[0] = str(p.absolute())
     return argv
 
 
