@@ -18,10 +18,17 @@ Rows (each a median of --runs runs, ours and the peer interleaved; see README_be
   fmt-F       file -> file from input format F (qcow2, qcow2-zlib, vmdk, vmdk-stream, vhd, vhdx, vdi;
               the 4 GiB disk converted by qemu-img): ours vs `qemu-img convert -O qcow2`   ratio <= 2.0
   fmts3-F     nginx -> S3 from format F (1 GiB disk): ours' peak RSS <= 200 MiB, bytes fetched / file size
+  gz-http     nginx serves the 4 GiB disk as .raw.gz (pigz -6) -> local qcow2: ours (one pass, the unwrap
+              stage inflates) vs `curl -o tmp.raw.gz` + `gzip -d` + `qemu-img convert`
+                                                                 ratio <= 0.5, ours' peak RSS <= 200 MiB
+  xz-http     the same as .raw.xz (xz -T0 -6: multi-block) vs `curl` + `xz -d -T1` + `qemu-img convert`
+                                                                 ratio <= 0.5, ours' peak RSS <= 200 MiB
+              (both: ours checked with qemu-img check + compare against the raw disk)
   soak        200 small jobs through 2 `imgpipe worker` processes (moto S3 + SQS): jobs/s,
               p50/p95 latency; 0 failures and each worker's RSS after 200 within 10 % of after 20
 Groups for --rows: file, http, s3 (http-s3 + s3-s3), rss (rss-1g, rss-16g, rss-delta), io,
-compress (zlib + zstd), formats (fmt-*), formats-s3 (fmts3-*), soak; or row names.
+compress (zlib + zstd), formats (fmt-*), formats-s3 (fmts3-*), wrapped (gz-http + xz-http), soak;
+or row names.
 The S3 rows run once per store: moto's server and Ceph RADOS Gateway (ceph-rgw-up.sh; --no-ceph: moto only,
 --no-moto: Ceph only), each row named row/store, e.g. s3-s3/ceph.
 Targets are reported, never asserted: exit status 0 even when one is MISSED; 1 when a row could not be
@@ -75,6 +82,7 @@ GROUPS: dict[str, list[str]] = {
         "fmt-vdi",
     ],
     "formats-s3": ["fmts3-qcow2", "fmts3-vmdk-stream", "fmts3-vhd", "fmts3-vhdx", "fmts3-vdi"],
+    "wrapped": ["gz-http", "xz-http"],
     "soak": ["soak"],
 }
 # Input formats: row suffix -> (qemu-img -O format, its options, file extension).
@@ -90,7 +98,7 @@ FORMATS: dict[str, tuple[str, list[str], str]] = {
 ALL_ROWS = [r for rows in GROUPS.values() for r in rows]
 FMT_S3_ROWS = set(GROUPS["formats-s3"])
 S3_ROWS = {"http-s3", "s3-s3", "rss-1g", "rss-16g", "rss-delta", "io"} | FMT_S3_ROWS
-HTTP_ROWS = {"http", "http-s3", "rss-1g", "rss-16g", "rss-delta", "io"} | FMT_S3_ROWS
+HTTP_ROWS = {"http", "http-s3", "rss-1g", "rss-16g", "rss-delta", "io"} | FMT_S3_ROWS | set(GROUPS["wrapped"])
 
 _t0 = time.monotonic()
 
@@ -618,6 +626,146 @@ def row_http(ctx: Ctx) -> Row:
     return row
 
 
+@dataclass(frozen=True)
+class Wrapper:
+    """A compressed copy of the raw disk, served by nginx: how it is built and how the peer undoes it."""
+
+    ext: str  # file name suffix after .raw
+    build: Callable[[], list[str]]  # compressor argv that reads the file argument, writes stdout
+    unpack: list[str]  # the peer's decompressor, in place: FILE.EXT -> FILE
+    label: str
+
+
+def _gzip_build() -> list[str]:
+    # pigz: the same gzip format and deflate level as gzip -6, one thread per core (54 s on 2 cores)
+    return ["pigz", "-6", "-c"] if shutil.which("pigz") else ["gzip", "-6", "-c"]
+
+
+WRAPPED: dict[str, Wrapper] = {
+    # gzip -d: the standard single-threaded gunzip (pigz cannot inflate in parallel either).
+    "gz-http": Wrapper("gz", _gzip_build, ["gzip", "-d"], "gzip"),
+    # xz -T0: 24 MiB blocks (3x the 8 MiB dictionary of -6) compressed in parallel, so the stream has many
+    # blocks (171 here) with their sizes in the block headers; 7.5 minutes on 2 shared cores.
+    # The peer: xz -d -T1, the single-threaded decompression that xz 5.4 does by default (pinned: 5.6
+    # defaults to threads). Ours inflates with Python's lzma, single-threaded too.
+    "xz-http": Wrapper("xz", lambda: ["xz", "-T0", "-6", "-c"], ["xz", "-d", "-T1"], "xz"),
+}
+
+
+def wrapped_image(ctx: Ctx, base: str, w: Wrapper) -> tuple[Path, str]:
+    """`base` (an ImageSet name) compressed, built once and cached beside it like format_image;
+    returns the path and the compressor command that built it (this run or a cached one)."""
+    src = ctx.images.path(base)
+    out = src.with_name(f"{src.name}.{w.ext}")
+    how = out.with_name(out.name + ".cmd")
+    argv = w.build()
+    if shutil.which(w.unpack[0]) is None:
+        raise HarnessError(f"{w.unpack[0]} not found (apt-get install gzip xz-utils)")
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        if shutil.which(argv[0]) is None:
+            raise HarnessError(f"{argv[0]} not found (apt-get install pigz xz-utils)")
+        log(f"building {out.name} ({shlex.join(argv)}; untimed setup, minutes for xz)")
+        tmp = out.with_name(out.name + ".tmp")
+        t0 = time.monotonic()
+        with open(tmp, "wb") as f:
+            subprocess.run([*argv, str(src)], stdout=f, check=True)
+        tmp.rename(out)
+        how.write_text(shlex.join(argv) + "\n")
+        log(f"  built {out.name}: {fmt_bytes(out.stat().st_size)} in {time.monotonic() - t0:.0f} s")
+    built_by = how.read_text().strip() if how.exists() else shlex.join(argv) + " (assumed)"
+    return out, built_by
+
+
+def row_wrapped(ctx: Ctx, name: str) -> Row:
+    """nginx serves the compressed raw disk -> local qcow2. Ours streams it (the unwrap stage decompresses
+    on the way, one pass, nothing on local disk but the output); the peer downloads the compressed file,
+    decompresses it to disk, then converts: three steps measured as one (combine), as row_http does."""
+    assert ctx.nginx is not None
+    w = WRAPPED[name]
+    raw = ctx.images.path("img4g")
+    vsize = ctx.images.images["img4g"].virtual_size
+    img, built_by = wrapped_image(ctx, "img4g", w)
+    url = ctx.nginx.url(img.name)
+    row = Row(
+        name,
+        f"HTTP (nginx) -> file, 4 GiB disk as .raw.{w.ext} ({fmt_bytes(img.stat().st_size)})",
+        "ratio <= 0.5, RSS <= 200 MiB",
+        source_bytes=vsize,
+        peer_title=f"curl -o tmp.raw.{w.ext} + {shlex.join(w.unpack)} + qemu-img convert",
+    )
+    row.notes.append(f"source {img.name} built by `{built_by}`, {fmt_bytes(img.stat().st_size)}")
+    out = ctx.outdir / "ours-wrapped.qcow2"
+    tmpc = ctx.outdir / f"download.raw.{w.ext}"
+    tmp = ctx.outdir / "download.raw"
+    pout = ctx.outdir / "peer-wrapped.qcow2"
+    env = ctx.child_env()
+    warm_cache([img])
+
+    def ours(i: int) -> Measure:
+        out.unlink(missing_ok=True)
+        m = ctx.run(ctx.ours_cmd(url, str(out)), env, f"{name} ours {ctx.label(i)}")
+        if i == 0:
+            summary = summary_of(m)
+            row.notes.append(check_local(out, vsize, summary))
+            cmp = subprocess.run(["qemu-img", "compare", str(raw), str(out)], capture_output=True, text=True)
+            if cmp.returncode != 0:
+                raise RowError(f"qemu-img compare {out.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            wrappers = summary.get("source_wrappers")
+            if wrappers != [w.label]:
+                raise RowError(f"{name}: the summary says source_wrappers={wrappers!r}, not [{w.label!r}]")
+            row.notes.append(
+                f"compared identical to {raw.name}; summary: source_wrappers {wrappers}, "
+                f"{summary.get('source_requests')} request(s), "
+                f"{fmt_bytes(int(summary.get('source_bytes_fetched') or 0))} fetched"
+            )
+        out.unlink(missing_ok=True)
+        return m
+
+    def peer(i: int) -> Measure:
+        for p in (tmpc, tmp, pout):
+            p.unlink(missing_ok=True)
+        n = ctx.label(i)
+        curl = ["curl", "-sS", "--fail", "-o", str(tmpc), url]
+        unpack = [*w.unpack, str(tmpc)]
+        qimg = ["qemu-img", "convert", "-O", "qcow2", str(tmp), str(pout)]
+        steps = [ctx.run(curl, env, f"{name} peer {n} (curl)")]
+        for what, argv in ((w.unpack[0], unpack), ("qemu-img", qimg)):
+            m = run_measured(argv, env=env, cwd=ctx.outdir, timeout=ctx.args.timeout, io_method=ctx.io_method)
+            log(f"  {name} peer {n} ({what}): {m.brief()}")
+            if m.rc != 0 or m.timed_out:
+                raise RowError(f"peer {shlex.join(argv)} failed: {m.stderr_tail()}")
+            steps.append(m)
+        for p in (tmpc, tmp, pout):  # untimed
+            p.unlink(missing_ok=True)
+        return combine(steps, ["sh", "-c", " && ".join(shlex.join(a) for a in (curl, unpack, qimg))])
+
+    interleave(ctx, row, ours, peer)
+    if row.peer is not None:
+        med = [statistics.median(r.get(f"step{k}_wall", 0.0) for r in row.peer.runs) for k in (1, 2, 3)]
+        row.notes.append(
+            f"peer steps (medians): curl {med[0]:.1f} s + {w.unpack[0]} -d {med[1]:.1f} s "
+            f"+ qemu-img {med[2]:.1f} s"
+        )
+        # Decompression alone, once: for xz it is the floor under ours too (the same single-threaded
+        # liblzma decodes every byte), so it says how far below the peer a one-thread decoder can go.
+        alone = f"{shlex.join([*w.unpack, '-c', str(img)])} > /dev/null"
+        m = ctx.run(["sh", "-c", alone], env, f"{name} reference: {alone}")
+        row.notes.append(
+            f"reference, once: `{shlex.join(w.unpack)} -c` to /dev/null took {m.wall:.1f} s "
+            f"({m.cpu:.1f} s CPU), {m.wall / row.peer.wall:.2f}x the peer"
+        )
+    if row.ours is not None:
+        rss_ok = row.ours.rss <= 200 * MIB
+        row.notes.append(
+            f"ours: peak RSS {row.ours.rss / MIB:.0f} MiB ({'within' if rss_ok else 'OVER'} the 200 MiB "
+            f"budget), CPU {row.ours.cpu:.1f} s against the peer's {row.peer.cpu if row.peer else 0:.1f} s"
+        )
+        row.value = row.ours.rss
+        if row.ratio is not None:
+            row.passed = row.ratio <= 0.5 and rss_ok
+    return row
+
+
 class PeerSource:
     """The local file the plain-upload peer sends: a copy of our own output object (same bytes, same size)."""
 
@@ -1061,7 +1209,9 @@ def resolve_converter(cmd: str) -> list[str]:
                 f"converter {exe} not found (relative paths are tried from {REPO} too); "
                 "use --converter CMD, e.g. --converter tests/bench/fake_converter.sh"
             )
-        argv[0] = str(p.resolve())
+        # absolute(), not resolve(): a venv's bin/python is a symlink to the base interpreter, and resolving
+        # it would run that interpreter without the venv's packages (--converter "VENV/bin/python -m X")
+        argv[0] = str(p.absolute())
     return argv
 
 
@@ -1219,6 +1369,7 @@ def main(argv: list[str] | None = None) -> int:
             local: list[tuple[str, Callable[[Ctx], Row]]] = [("file", row_file), ("http", row_http)]
             local += [(n, functools.partial(row_compressed, name=n)) for n in COMPRESSED]
             local += [(f"fmt-{f}", functools.partial(row_format, fmt=f)) for f in FORMATS]
+            local += [(n, functools.partial(row_wrapped, name=n)) for n in WRAPPED]
             for name, fn in local:
                 if name in args.row_names:
                     try:
