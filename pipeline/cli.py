@@ -141,6 +141,20 @@ def _human(summary: dict[str, Any]) -> str:
     def mib(n: Any) -> str:
         return f"{int(n) / 2**20:,.1f} MiB"
 
+    if "outputs" in summary:  # a package: one line per output
+        lines = [
+            f"{summary['package']} package: read {mib(summary['bytes_read'])}, "
+            f"manifest {summary['manifest']}, {summary['seconds']} s"
+        ]
+        for o in summary["outputs"]:
+            lines.append(
+                f"  {o['kind']} {o['member']} ({o['source_format']}) -> {o['destination']}: "
+                f"virtual size {mib(o['virtual_size'])}, output {mib(o['output_size'])}"
+            )
+        if summary.get("skipped_members"):
+            lines.append(f"  skipped: {', '.join(summary['skipped_members'])}")
+        return "\n".join(lines)
+
     packed = (
         f" ({summary['compressed_clusters']} compressed with {summary['compression']})"
         if summary.get("compression", "none") != "none"
