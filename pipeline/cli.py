@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline import __version__, log
 from pipeline.errors import EXIT_USAGE, ImgpipeError, UsageError
+from pipeline.malloc import limit_arenas
 from pipeline.settings import Settings, from_env, parse_size
 
 EPILOG = """\
@@ -217,6 +218,7 @@ def _info(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_arenas()  # before any thread allocates: see pipeline/malloc.py
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command == "worker":

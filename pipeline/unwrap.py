@@ -337,9 +337,16 @@ class ZstdInflater:
             raise _truncated(self.name)
 
 
+def _xz() -> Inflater:
+    # Blocks with sizes (multi-threaded xz) decode on several cores; others on one (XzInflater).
+    from pipeline.xzblocks import ParallelXzInflater
+
+    return ParallelXzInflater(XzInflater)
+
+
 INFLATERS: dict[str, Callable[[], Inflater]] = {
     "gzip": GzipInflater,
-    "xz": XzInflater,
+    "xz": _xz,
     "bzip2": Bzip2Inflater,
     "zstd": ZstdInflater,
 }
@@ -365,12 +372,20 @@ class StreamView:
 
 def _compressed_cpio(kind: str, head: bytes) -> bool:
     """Whether the first bytes inside the compression are a cpio archive's (an initramfs)."""
+    inflater = INFLATERS[kind]()
     try:
-        inflater = INFLATERS[kind]()
         inflater.feed(head)
         return inflater.pull(6) in CPIO_MAGICS
     except Exception:  # a broken stream is the inflate layer's to report
         return False
+    finally:
+        _close(inflater)
+
+
+def _close(inflater: Inflater) -> None:
+    close = getattr(inflater, "close", None)
+    if close is not None:
+        close()
 
 
 async def _head(q: ClosableQueue[Chunk]) -> tuple[list[Chunk], bytes]:
@@ -404,6 +419,21 @@ async def _inflate(
         produced += n
 
     filler = ChunkFiller(pool, outq, count)
+
+    async def drain() -> None:
+        while True:
+            out = await asyncio.to_thread(inflater.pull, pool.size)
+            if not out:
+                return
+            total = produced + (filler.cur.length if filler.cur is not None else 0) + len(out)
+            if total > RATIO_GRACE and total > ratio * max(stats.bytes_read, 1):
+                raise UnsafeImage(
+                    f"{name} data decompresses to more than {ratio} times the compressed bytes "
+                    f"read ({total} from {stats.bytes_read}): a decompression bomb? Raise "
+                    "IMGPIPE_MAX_DECOMPRESSION_RATIO if this image is expected"
+                )
+            await filler.feed(out)
+
     pending = list(held)
     held.clear()
     try:
@@ -415,18 +445,11 @@ async def _inflate(
                 inflater.feed(bytes(chunk.view()))
             finally:
                 chunk.release()
-            while True:
-                out = await asyncio.to_thread(inflater.pull, pool.size)
-                if not out:
-                    break
-                total = produced + (filler.cur.length if filler.cur is not None else 0) + len(out)
-                if total > RATIO_GRACE and total > ratio * max(stats.bytes_read, 1):
-                    raise UnsafeImage(
-                        f"{name} data decompresses to more than {ratio} times the compressed bytes "
-                        f"read ({total} from {stats.bytes_read}): a decompression bomb? Raise "
-                        "IMGPIPE_MAX_DECOMPRESSION_RATIO if this image is expected"
-                    )
-                await filler.feed(out)
+            await drain()
+        end = getattr(inflater, "end", None)
+        if end is not None:  # an inflater that decodes ahead hands on what it still holds
+            end()
+            await drain()
         inflater.finish()
     except BaseException:
         if filler.cur is not None:
@@ -436,6 +459,7 @@ async def _inflate(
     finally:
         for c in pending:
             c.release()
+        _close(inflater)
     await filler.finish()
 
 

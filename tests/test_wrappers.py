@@ -87,6 +87,18 @@ def _raw_xz(d: Path) -> str:
     return "disk.raw.xz"
 
 
+@maker("raw.xz multi-block")
+def _raw_xz_blocks(d: Path) -> str:
+    # Multi-threaded xz (block sizes in the headers: decoded on several cores), then a stream without.
+    a, b = _split(d / "disk.raw", 2)
+    with (d / "blocks.raw.xz").open("wb") as f:
+        f.write(_xz_blocks(a.read_bytes()))
+        f.write(subprocess.run(["xz", "-1", "-c", str(b)], check=True, capture_output=True).stdout)
+    a.unlink()
+    b.unlink()
+    return "blocks.raw.xz"
+
+
 @maker("img.gz")
 def _img_gz(d: Path) -> str:
     pieces = _split(d / "disk.raw", 3)
@@ -138,6 +150,7 @@ def _gz_in_zst(d: Path) -> str:
 
 EXPECT = {
     "raw.xz": (["xz"], "raw"),
+    "raw.xz multi-block": (["xz"], "raw"),
     "img.gz": (["gzip"], "raw"),
     "qcow2.gz": (["gzip"], "qcow2"),
     "vmdk.zst": (["zstd"], "vmdk"),
@@ -232,7 +245,7 @@ def test_bomb_over_the_virtual_size_cap_is_refused(tmp_path: Path, bomb: Path) -
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["img.gz", "raw.xz", "raw.bz2", "raw.zst multi-frame"])
+@pytest.mark.parametrize("name", ["img.gz", "raw.xz", "raw.xz multi-block", "raw.bz2", "raw.zst multi-frame"])
 def test_truncated_is_refused(tmp_path: Path, made: dict[str, Path], name: str) -> None:
     data = made[name].read_bytes()
     src = tmp_path / "cut"
@@ -247,7 +260,7 @@ def test_truncated_is_refused(tmp_path: Path, made: dict[str, Path], name: str) 
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["img.gz", "raw.xz", "raw.bz2", "raw.zst multi-frame"])
+@pytest.mark.parametrize("name", ["img.gz", "raw.xz", "raw.xz multi-block", "raw.bz2", "raw.zst multi-frame"])
 def test_corrupt_is_refused(tmp_path: Path, made: dict[str, Path], name: str) -> None:
     data = bytearray(made[name].read_bytes())
     mid = len(data) // 2
@@ -278,7 +291,14 @@ def _zstd_frames(parts: list[bytes]) -> bytes:
     return skippable + b"".join(c.compress(p) for p in parts) + skippable
 
 
-@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2", "zstd"])
+def _xz_blocks(data: bytes) -> bytes:
+    """Multi-threaded xz: blocks whose headers carry their sizes, decoded in parallel."""
+    return subprocess.run(
+        ["xz", "-1", "-T2", "--block-size=64KiB", "-c"], input=data, check=True, capture_output=True
+    ).stdout
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "xz-blocks", "bzip2", "zstd"])
 def test_inflaters_in_odd_pieces(kind: str) -> None:
     """Members, streams and frames cut anywhere (inside a magic, a header, a block) and output pulled
     a little at a time: the same bytes come out, and no call returns more than it was asked for."""
@@ -287,11 +307,13 @@ def test_inflaters_in_odd_pieces(kind: str) -> None:
     packers = {
         "gzip": lambda: b"".join(gzip.compress(p) for p in parts) + bytes(7),
         "xz": lambda: b"".join(lzma.compress(p) + bytes(4) for p in parts),
+        # Parallel streams, then a one-block stream (the one-core decoder takes over), then padding.
+        "xz-blocks": lambda: _xz_blocks(parts[0]) + bytes(8) + lzma.compress(parts[1]) + _xz_blocks(parts[2]),
         "bzip2": lambda: b"".join(bz2.compress(p) for p in parts),
         "zstd": lambda: _zstd_frames(parts),
     }
     packed = packers[kind]()
-    inflater = INFLATERS[kind]()
+    inflater = INFLATERS[kind.split("-")[0]]()
     out = bytearray()
     pos = 0
     while pos < len(packed):
@@ -303,6 +325,12 @@ def test_inflaters_in_odd_pieces(kind: str) -> None:
             assert len(piece) <= 128 * 1024
             if not piece:
                 break
+            out += piece
+    end = getattr(inflater, "end", None)
+    if end is not None:  # decoded ahead: what it still holds
+        end()
+        while piece := inflater.pull(128 * 1024):
+            assert len(piece) <= 128 * 1024
             out += piece
     inflater.finish()
     assert bytes(out) == b"".join(parts)
