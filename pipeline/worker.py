@@ -477,14 +477,19 @@ class Worker:
                     return "duplicate", await self._existing_details(job.destination, existing)
             raise
         digest = hasher.hexdigest()
+        # A package (OVA, tarball) writes one object per disk, kernel or ramdisk: each gets the tag.
+        outputs = [str(o["destination"]) for o in summary.get("outputs", [])]
         if to_s3:
-            await self._tag(job.destination, digest)
+            for dest in outputs or [job.destination]:
+                await self._tag(dest, digest)
         self.metrics.bytes_read.inc(int(summary["bytes_read"]))
         self.metrics.bytes_written.inc(int(summary["output_size"]))
         self.metrics.zero_bytes.inc(int(summary["zero_bytes_skipped"]))
         keep = ("source_format", "virtual_size", "bytes_read", "zero_bytes_skipped", "output_size")
         details = {k: summary[k] for k in keep}
         details["source_sha256"] = digest
+        if outputs:
+            details["outputs"] = summary["outputs"]
         return "done", details
 
     async def _identity(self, job: Job, settings: Settings) -> dict[str, str]:

@@ -475,6 +475,45 @@ def test_s3_event_notification_is_routed(
     assert len(w.events("message deleted")) == 2
 
 
+def test_a_package_job_writes_every_output(
+    aws: Aws, workers: Callable[..., WorkerProc], tmp_path: Path
+) -> None:
+    """A UEC-style tarball through the worker: its disk as qcow2, its kernel copied, each tagged with
+    the source's digest, and the result listing them."""
+    raw = make_raw(tmp_path / "cloud.img", 3 * MiB, seed=9)
+    kernel = bytearray(4096)
+    kernel[0x1FE:0x200], kernel[0x202:0x206] = b"\x55\xaa", b"HdrS"
+    (tmp_path / "cloud-vmlinuz-virtual").write_bytes(kernel)
+    subprocess.run(
+        [
+            "tar",
+            "-C",
+            str(tmp_path),
+            "-czf",
+            str(tmp_path / "uec.tar.gz"),
+            "cloud.img",
+            "cloud-vmlinuz-virtual",
+        ],
+        check=True,
+    )
+    aws.s3.upload_file(str(tmp_path / "uec.tar.gz"), aws.src, "uec.tar.gz")
+    aws.send({"source": f"s3://{aws.src}/uec.tar.gz", "destination": f"s3://{aws.dst}/uec/cloud.qcow2"})
+    w = workers("--once")
+    assert w.wait(60) == 0, w.tail()
+    [result] = aws.results_until(1, 5)
+    assert result["outcome"] == "done", result
+    assert [o["destination"] for o in result["outputs"]] == [
+        f"s3://{aws.dst}/uec/cloud.qcow2",
+        f"s3://{aws.dst}/uec/cloud.aki",
+    ]
+    qemu_compare(raw, aws.fetch("uec/cloud.qcow2", tmp_path / "out.qcow2"), "raw", "qcow2")
+    assert aws.fetch("uec/cloud.aki", tmp_path / "out.aki").read_bytes() == bytes(kernel)
+    for key in ("uec/cloud.qcow2", "uec/cloud.aki"):
+        tags = aws.s3.get_object_tagging(Bucket=aws.dst, Key=key)["TagSet"]
+        assert {t["Key"]: t["Value"] for t in tags}["imgpipe-sha256"] == result["source_sha256"]
+    assert aws.uploads() == []
+
+
 def test_worker_refuses_bad_settings_with_a_message(aws: Aws, tmp_path: Path) -> None:
     cfg = tmp_path / "w.toml"
     cfg.write_text("[worker]\nconcurrancy = 3\n")
