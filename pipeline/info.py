@@ -94,18 +94,18 @@ async def describe(src: str, settings: Settings) -> dict[str, Any]:
 async def _describe_stream(
     source: Any, settings: Settings, pool: BufferPool, stats: JobStats, out: dict[str, Any]
 ) -> ImageInfo:
+    """Read the stream until the format is known (and a package to its end), in one task group with
+    the source and unwrap stages, so that their failure ends the reading instead of leaving it waiting."""
     raw_q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
     q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
     view = StreamView(source)
     held: list[Chunk] = []
-    tasks = [
-        asyncio.create_task(source.produce(pool, raw_q, stats.read)),
-        asyncio.create_task(unwrap_stage(view, raw_q, q, settings, stats)),
-    ]
-    try:
+
+    async def consume(tg: asyncio.TaskGroup) -> ImageInfo:
+        nonlocal held
         head = bytearray()
         while len(head) < HEAD_BYTES:
-            chunk = await _next(q, tasks)
+            chunk = await q.get()
             if chunk is None:
                 break
             held.append(chunk)
@@ -119,7 +119,7 @@ async def _describe_stream(
             out["wrappers"] = list(view.wrappers)
         if match.format in PACKAGES:
             replay: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
-            tasks.append(asyncio.create_task(_replay(held, q, replay)))
+            tg.create_task(_replay(held, q, replay))
             held = []
             out["package"] = await _describe_package(source, match.format, replay, settings)
             return ImageInfo(match.format, match.detail, 0, 0)
@@ -135,31 +135,35 @@ async def _describe_stream(
             for c in held:
                 c.release()
             held = []
-            while (chunk := await _next(q, tasks)) is not None:
+            async for chunk in q:
                 size += chunk.length
                 chunk.release()
         return ImageInfo(match.format, match.detail, size, 0, size)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            stages = [
+                tg.create_task(source.produce(pool, raw_q, stats.read)),
+                tg.create_task(unwrap_stage(view, raw_q, q, settings, stats)),
+            ]
+            info = await consume(tg)
+            for task in stages:  # the rest of the stream is not needed
+                task.cancel()
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
     finally:
         for c in held:
             c.release()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+    return info
 
 
-async def _next(q: ClosableQueue[Chunk], tasks: list[asyncio.Task[None]]) -> Chunk | None:
-    """The next chunk, or the error of the stage that failed to produce it."""
-    get = asyncio.ensure_future(q.get())
-    await asyncio.wait([get, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    if not get.done():
-        get.cancel()
-        for task in tasks:
-            if task.done() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        return await q.get()
-    return get.result()
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 async def _replay(held: list[Chunk], q: ClosableQueue[Chunk], out: ClosableQueue[Chunk]) -> None:
@@ -178,10 +182,10 @@ async def _describe_package(
     from pipeline.package.run import Package, PackageContext, Target, check_against_ovf
 
     async def member(mq: ClosableQueue[Chunk], target: Target) -> dict[str, Any]:
-        fmt, vsize, detail = target.kind, target.size, ""
+        fmt, vsize, detail = target.kind, target.size or 0, ""  # a tar member always has its size
         if target.kind == "disk":
             first = await mq.get()
-            head = bytes(first.view(0, HEAD_BYTES)) if first is not None else b""
+            head = bytes(first.view(0, min(first.length, HEAD_BYTES))) if first is not None else b""
             m = sniff.decide(head, None, None, allow_wrappers=True)
             fmt, detail = m.format, m.detail
             if m.format in DECODERS and first is not None:
@@ -196,7 +200,7 @@ async def _describe_package(
                 first.release()
         async for chunk in mq:
             chunk.release()
-        if target.kind == "disk":
+        if target.kind == "disk" and fmt not in WRAPPERS:  # a compressed member is judged by convert
             check_against_ovf(target, fmt, vsize)
         return {
             "member": target.member,

@@ -432,7 +432,7 @@ class _MemberSource:
     ranged = False
     etag = None
 
-    def __init__(self, spec: str, size: int) -> None:
+    def __init__(self, spec: str, size: int | None) -> None:
         self.spec = spec
         self.size: int | None = size
 
@@ -746,6 +746,9 @@ async def _loose_ovf(
     stem = name.rsplit(".", 1)[0]
 
     async def read(href: str, optional: bool) -> Any:
+        if source.spec.startswith(("s3://", "http://", "https://")) and any(c in href for c in "%?#\\"):
+            # A URL would decode or cut these (%2e%2e is "..") and reach outside the descriptor's folder.
+            raise UnsafeImage(f"OVF href {href[:200]!r} holds a character that changes a URL (% ? # \\)")
         sib = open_source(_sibling_spec(source.spec, href), settings, s3)
         if siblings is not None:
             siblings.append(sib)
@@ -768,7 +771,7 @@ async def _loose_ovf(
         q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(sib.produce(pool, q, stats.read))
-            await pkg.content_member(href, sib.size or 0, chunk_views(q))
+            await pkg.content_member(href, sib.size, chunk_views(q))
     await pkg.finish()
     return pkg.report()
 

@@ -24,7 +24,7 @@ import struct
 import zlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 from pipeline.errors import CorruptImage, UnsupportedImage
@@ -124,7 +124,8 @@ class ParallelXzInflater:
         self.queues: deque[queue.SimpleQueue[bytes | None]] = deque()
         self.out: deque[bytes] = deque()
         self.ended = False
-        self.draining = False  # the next stream goes to the one-core decoder once these blocks are out
+        self.draining = False
+        self.closed = False  # the next stream goes to the one-core decoder once these blocks are out
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.pool: ThreadPoolExecutor | None = None
 
@@ -176,6 +177,8 @@ class ParallelXzInflater:
         fut = self.futures.popleft()
         try:
             fut.result()
+        except CancelledError:
+            raise CorruptImage("xz data: the decoder was closed") from None
         except lzma.LZMAError as exc:
             raise CorruptImage(f"xz data is corrupt: {' '.join(str(exc).split())}") from None
 
@@ -207,9 +210,12 @@ class ParallelXzInflater:
             self.close()
 
     def close(self) -> None:
+        self.closed = True
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+            for q in self.queues:  # a cancelled block never ends its queue: a waiting pull() must not hang
+                q.put(None)
 
     # -- the stream's structure ----------------------------------------------------------------------
 
@@ -284,13 +290,16 @@ class ParallelXzInflater:
         flags = buf[1]
         pos = 2
         csize = usize = None
+        head = bytes(buf[: hsize - 4])  # the size fields must end inside the header, before its CRC32
         if flags & 0x40:
-            got = _vli(buf, pos)
-            assert got is not None  # within the header, which is all here
+            got = _vli(head, pos)
+            if got is None:
+                raise CorruptImage("xz data is corrupt: a block header's sizes run past its end")
             csize, pos = got
         if flags & 0x80:
-            got = _vli(buf, pos)
-            assert got is not None
+            got = _vli(head, pos)
+            if got is None:
+                raise CorruptImage("xz data is corrupt: a block header's sizes run past its end")
             usize, pos = got
         if zlib.crc32(buf[: hsize - 4]) != struct.unpack_from("<I", buf, hsize - 4)[0]:
             raise CorruptImage("xz data is corrupt: a block header's CRC32 does not match")
@@ -322,6 +331,8 @@ class ParallelXzInflater:
         self.buf = bytearray(buf[total:])  # not del: a bytearray keeps its allocation (a whole block)
         unpadded = hsize + csize + self.check
         self.records.append((unpadded, usize))
+        if self.closed:
+            raise CorruptImage("xz data: the decoder was closed")  # the job is failing already
         if self.pool is None:
             limit_arenas()  # a no-op when the CLI did it at start, as it should
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xz")
@@ -336,6 +347,10 @@ class ParallelXzInflater:
         if got is None:
             return False
         count, pos = got
+        if count != len(self.records):  # before reading them: a hostile count must not be buffered for
+            raise CorruptImage(
+                "xz data is corrupt: the stream index does not list the blocks the stream holds"
+            )
         records: list[tuple[int, int]] = []
         for _ in range(count):
             a = _vli(buf, pos)

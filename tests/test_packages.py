@@ -454,6 +454,27 @@ def hostile(made: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> d
     cases["absolute-name"] = _tar(d / "a.tar", [("/etc/disk.img", bytes(4096))]).read_bytes()
     link = _tar(d / "k.tar", [("one.ovf", ovf), ("one-disk1.vmdk", b"")]).read_bytes()
     cases["link-as-disk"] = _retype(link, 1, b"2")
+    cases["long-name"] = _tar(
+        d / "ln.tar", [("x" * 5000 + ".img", bytes(4096))], tarfile.PAX_FORMAT
+    ).read_bytes()
+    sparse_dir = d / "sparse"
+    sparse_dir.mkdir()
+    with (sparse_dir / "disk.raw").open("wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"data" * 1024)
+    subprocess.run(
+        ["tar", "-C", str(sparse_dir), "-S", "--format=posix", "-cf", str(d / "sp.tar"), "disk.raw"],
+        check=True,
+    )
+    cases["pax-sparse"] = (d / "sp.tar").read_bytes()
+    # An xz stream whose index claims far more blocks than it holds (it must not be buffered).
+    xz = bytearray(
+        subprocess.run(
+            ["xz", "-T2", "--block-size=64KiB", "-c"], input=bytes(200_000), capture_output=True, check=True
+        ).stdout
+    )
+    cases["xz-index-lies"] = bytes(xz[:12]) + b"\x00" + b"\xff" * 8 + b"\x7f" + bytes(1 << 20)
     out = {}
     for name, data in cases.items():
         (d / f"{name}.ova").write_bytes(data)
@@ -473,6 +494,9 @@ HOSTILE = {
     "disk-missing": "does not hold",
     "absolute-name": "/etc/disk.img",
     "link-as-disk": "link",
+    "long-name": "more than 4096",
+    "pax-sparse": "sparse file",
+    "xz-index-lies": "index does not list",
 }
 
 
@@ -527,3 +551,34 @@ def test_uec_kernel_and_ramdisk_are_named_from_dst(tmp_path: Path, made: dict[st
     qemu_compare(made["d1"], dst)
     assert (tmp_path / "precise.aki").read_bytes() == made["kernel_bytes"]
     assert (tmp_path / "precise.ari").read_bytes() == made["ramdisk_bytes"]
+
+
+def test_disk_ids_and_member_names_stay_inside_dst(tmp_path: Path, made: dict[str, Any]) -> None:
+    """An OVF disk id is not a path: "../../x" names a file inside DST's folder. Two members that would
+    go to one name stop the package (exit 2) before anything is written."""
+    v1 = (made["d1"].parent / "v1.vmdk").read_bytes()
+    ovf = _ovf([("../../escaped", "file1", "one-disk1.vmdk", D1_SIZE, VMDK_STREAM)])
+    ova = _tar(tmp_path / "trav.ova", [("one.ovf", ovf), ("one-disk1.vmdk", v1)])
+    out = tmp_path / "a" / "b"
+    out.mkdir(parents=True)
+    s = summary_of(imgpipe("convert", str(ova), f"{out}/", "--json"))
+    [o] = s["outputs"]
+    assert Path(o["destination"]).parent == out
+    assert sorted(p.name for p in out.iterdir()) == ["_.._.._escaped.qcow2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "trav.ova"]
+    dup = _tar(tmp_path / "dup.tar", [("a/disk.img", bytes(8192)), ("b/disk.img", bytes(8192))])
+    p = imgpipe("convert", str(dup), f"{out}/")
+    assert p.returncode == 2
+    assert "{index}" in error_line(p)
+    assert sorted(p.name for p in out.iterdir()) == ["_.._.._escaped.qcow2"]
+
+
+def test_info_on_a_broken_compressed_package_fails_instead_of_waiting(
+    tmp_path: Path, made: dict[str, Any]
+) -> None:
+    data = made["uec.tar.gz"].read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    p = imgpipe("info", str(cut), timeout=60)
+    assert p.returncode == 3
+    assert "truncated" in error_line(p)

@@ -33,6 +33,8 @@ from pipeline.package.ovf import MAX_DESCRIPTOR, OvfDescriptor, OvfDisk, check_m
 from pipeline.package.tar import ChunkCursor, Member, members
 from pipeline.settings import MiB
 
+MAX_OUTPUTS = 64  # each deferred output holds a file descriptor or an S3 part 1 until the commit
+MAX_LISTED = 100  # skipped members named in the summary
 HOLD_BUDGET = 8 * MiB  # members before the OVF descriptor kept in memory to be replayed after it
 MAX_MANIFEST = 1 * MiB
 LATE_ALGORITHMS = ("sha1", "sha256", "sha512")  # what a manifest that comes late may ask for
@@ -62,7 +64,7 @@ class Target:
     """One output of a package: what the member is, and where and how it goes."""
 
     member: str
-    size: int
+    size: int | None  # None: a loose OVF's disk served without a length
     kind: str  # "disk", "kernel" or "ramdisk"
     spec: str  # DST of this output
     index: int  # 1-based, among the package's disks (0 for a kernel or ramdisk)
@@ -101,12 +103,19 @@ class PackageContext:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def safe_name(text: str) -> str:
+    """A name from the package made fit to be one path component of an output: no separators, no
+    leading dot (so never "." or ".."), nothing but letters, digits, ".", "_" and "-"."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:200]
+    return "_" + name if not name or name.startswith(".") else name
+
+
 def _stem(name: str) -> str:
     base = posixpath.basename(name)
     for suffix in (".gz", ".xz", ".bz2", ".zst"):
         base = base.removesuffix(suffix)
     stem, dot, _ext = base.rpartition(".")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem if dot else base) or "disk"
+    return safe_name(stem if dot else base)
 
 
 def output_spec(dst: str, kind: str, name: str, index: int, several: bool, output_format: str) -> str:
@@ -160,7 +169,9 @@ class Package:
         self.converted: set[str] = set()
         self.outputs: list[dict[str, Any]] = []
         self.skipped: list[str] = []
+        self.skipped_count = 0
         self.disks_seen = 0
+        self.destinations: set[str] = set()
 
     async def run(self, inq: ClosableQueue[Chunk]) -> dict[str, Any]:
         cursor = ChunkCursor(inq)
@@ -180,7 +191,7 @@ class Package:
     async def _member(self, m: Member, cursor: ChunkCursor) -> None:
         name = check_member_name(m.name)
         if m.link:
-            self.skipped.append(name)
+            self._skip(name)
             if self.descriptor is not None and name in self._hrefs():
                 raise UnsafeImage(f"package member {name} is a link; a package's files must be plain files")
             return
@@ -202,6 +213,11 @@ class Package:
                 return
             await self._become("tarball")
         await self.content_member(name, m.size, cursor.pieces(m.size))
+
+    def _skip(self, name: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < MAX_LISTED:
+            self.skipped.append(name)
 
     async def _read_small(
         self, name: str, size: int, cursor: ChunkCursor, limit: int, hash_it: bool = True
@@ -268,13 +284,13 @@ class Package:
         for name, data in held:
             await self.content_member(name, len(data), _once(memoryview(data)))
 
-    async def content_member(self, name: str, size: int, pieces: AsyncIterator[memoryview]) -> None:
+    async def content_member(self, name: str, size: int | None, pieces: AsyncIterator[memoryview]) -> None:
         """A member that is neither descriptor nor manifest: converted, copied or skipped."""
         target = self._target(name, size)
         algorithms = self._algorithms(name) | ({"sha256"} if target is not None else set())
         hashers = _Hashers(algorithms)
         if target is None:
-            self.skipped.append(name)
+            self._skip(name)
             async for piece in pieces:
                 hashers.update(piece)
         else:
@@ -283,7 +299,7 @@ class Package:
             self.outputs.append(result)
         self._digested(name, hashers.digests())
 
-    def _target(self, name: str, size: int) -> Target | None:
+    def _target(self, name: str, size: int | None) -> Target | None:
         several = False
         if self.mode == "ova":
             if name not in self.ova_disks:
@@ -292,8 +308,10 @@ class Package:
             self.converted.add(name)
             several = len(self.ova_disks) > 1
             expect = "vmdk" if disk.format and "vmdk" in disk.format.lower() else None
-            spec = output_spec(self.ctx.dst, "disk", disk.disk_id, index, several, self.ctx.output_format)
-            return Target(name, size, "disk", spec, index, disk.disk_id, disk.capacity, expect)
+            spec = output_spec(
+                self.ctx.dst, "disk", safe_name(disk.disk_id), index, several, self.ctx.output_format
+            )
+            return self._unique(Target(name, size, "disk", spec, index, disk.disk_id, disk.capacity, expect))
         kind = member_kind(name)
         if kind is None:
             return None
@@ -310,7 +328,18 @@ class Package:
         else:
             index = 0
         spec = output_spec(self.ctx.dst, kind, _stem(name), index, several, self.ctx.output_format)
-        return Target(name, size, kind, spec, index, _stem(name))
+        return self._unique(Target(name, size, kind, spec, index, _stem(name)))
+
+    def _unique(self, target: Target) -> Target:
+        if target.spec in self.destinations:
+            raise UsageError(
+                f"two members of the package ({target.member} and one before it) would both be written to "
+                f"{target.spec}; put {{index}} in DST"
+            )
+        if len(self.destinations) >= MAX_OUTPUTS:
+            raise UnsafeImage(f"package has more than {MAX_OUTPUTS} disks, kernels and ramdisks to write")
+        self.destinations.add(target.spec)
+        return target
 
     async def _convert(
         self, target: Target, pieces: AsyncIterator[memoryview], hashers: _Hashers
@@ -373,7 +402,7 @@ class Package:
         if not self.outputs:
             raise UnsupportedImage(
                 "archive holds no disk image (no OVF descriptor, and no member named like a disk: "
-                f"{', '.join(self.skipped[:5]) or 'no members'})"
+                f"{', '.join(n[:100] for n in self.skipped[:5]) or 'no members'})"
             )
 
     def _hrefs(self) -> set[str]:
@@ -385,6 +414,7 @@ class Package:
             "package": self.mode,
             "outputs": self.outputs,
             "skipped_members": self.skipped,
+            "skipped_count": self.skipped_count,
         }
         if self.descriptor is not None:
             report["ovf"] = self.descriptor.to_json()

@@ -17,6 +17,7 @@ from pipeline.errors import CorruptImage, UnsafeImage, UnsupportedImage
 BLOCK = 512
 MAX_META = 1024 * 1024  # a pax record set or GNU long name larger than this is refused
 MAX_MEMBERS = 10_000
+MAX_NAME = 4096  # PATH_MAX: a longer member name is not a file anyone can have
 
 # Header field offsets and lengths (POSIX ustar; GNU and pax share them).
 NAME = (0, 100)
@@ -192,6 +193,11 @@ async def members(cursor: ChunkCursor) -> AsyncIterator[Member]:
             data = data[: hdr.size]
             if hdr.typeflag == b"x":
                 pax = _pax(data)
+                if any(k.startswith("GNU.sparse.") for k in pax):
+                    raise UnsupportedImage(
+                        f"tar member {pax.get('path', hdr.name)[:200]!r} is a sparse file (pax GNU.sparse); "
+                        "repack it without --sparse"
+                    )
             elif hdr.typeflag == b"L":
                 long_name = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
             continue  # 'g' (global) and 'K' (long link target) say nothing a package needs
@@ -203,12 +209,13 @@ async def members(cursor: ChunkCursor) -> AsyncIterator[Member]:
         if count > MAX_MEMBERS:
             raise UnsafeImage(f"archive has more than {MAX_MEMBERS} members")
         name = pax.get("path") or long_name or hdr.name
+        if len(name) > MAX_NAME:
+            raise UnsafeImage(f"tar member name of {len(name)} characters (more than {MAX_NAME})")
         size = hdr.size
         if "size" in pax:
-            try:
-                size = int(pax["size"])
-            except ValueError:
-                raise CorruptImage(f"tar pax header: size {pax['size'][:20]!r} is not a number") from None
+            if not pax["size"].isdigit():
+                raise CorruptImage(f"tar pax header: size {pax['size'][:20]!r} is not a number")
+            size = int(pax["size"])
             padded = -(-size // BLOCK) * BLOCK
         long_name, pax = None, {}
         if hdr.typeflag in NO_BODY:
