@@ -96,6 +96,7 @@ class _Members:
     name = ""
     magic = b""
     padding = False  # zero bytes allowed between and after members
+    align = 1  # ... in multiples of this many (xz: 4)
 
     def __init__(self) -> None:
         self.d: Any = None
@@ -103,6 +104,7 @@ class _Members:
         self.view = memoryview(b"")
         self.pos = 0
         self.members = 0
+        self.zeros = 0  # padding since the last member ended
 
     def feed(self, data: bytes) -> None:
         self.view, self.pos = memoryview(data), 0
@@ -130,7 +132,9 @@ class _Members:
         data, self.carry = self.carry, b""
         while True:
             if self.padding and self.members:
-                data = data.lstrip(b"\0")
+                stripped = data.lstrip(b"\0")
+                self.zeros += len(data) - len(stripped)
+                data = stripped
             if len(data) >= len(self.magic):
                 break
             more = self.view[self.pos : self.pos + SLICE]
@@ -143,6 +147,7 @@ class _Members:
             data += bytes(more)
         if not data.startswith(self.magic):
             raise _corrupt(self.name, f"unexpected data after {self.members} complete stream(s)")
+        self._check_padding()
         self.carry = data
         self.d = self._new()
         return True
@@ -166,11 +171,17 @@ class _Members:
         except Exception as exc:
             raise _corrupt(self.name, exc) from None
 
+    def _check_padding(self) -> None:
+        if self.zeros % self.align:
+            raise _corrupt(self.name, f"{self.zeros} bytes of stream padding, not a multiple of {self.align}")
+        self.zeros = 0
+
     def finish(self) -> None:
         if self.d is not None or self._have_input():
             raise _truncated(self.name)
         if not self.members:
             raise _truncated(self.name)
+        self._check_padding()
 
 
 class _ZlibMembers(_Members):
@@ -217,7 +228,8 @@ class GzipInflater(_ZlibMembers):
 class XzInflater(_LzmaStyleMembers):
     name = "xz"
     magic = XZ_MAGIC
-    padding = True  # xz stream padding: zero bytes between and after streams
+    padding = True  # xz stream padding: zero bytes between and after streams, 4 at a time
+    align = 4
 
     def _new(self) -> Any:
         return lzma.LZMADecompressor(lzma.FORMAT_XZ)

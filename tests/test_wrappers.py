@@ -334,3 +334,23 @@ def test_inflaters_in_odd_pieces(kind: str) -> None:
             out += piece
     inflater.finish()
     assert bytes(out) == b"".join(parts)
+
+
+def test_xz_padding_must_be_whole_words(tmp_path: Path) -> None:
+    """xz allows zero bytes between and after streams only in multiples of 4, as `xz -t` does, from the
+    one-core decoder and the multi-block one alike."""
+    data = bytes(range(256)) * 400
+    for packed in (lzma.compress(data), _xz_blocks(data)):
+        for pad, ok in ((8, True), (5, False)):
+            src = tmp_path / "p.raw.xz"
+            src.write_bytes(packed + bytes(pad) + packed + bytes(pad))
+            dst = tmp_path / "out.raw"
+            p = imgpipe("convert", str(src), str(dst), "-O", "raw")
+            if ok:
+                assert p.returncode == 0, p.stderr.decode()[-500:]
+                assert dst.read_bytes() == data * 2
+                dst.unlink()
+            else:
+                assert p.returncode == 3
+                assert "padding" in error_line(p) or "unexpected data" in error_line(p)
+                assert not dst.exists()
