@@ -6,6 +6,8 @@ else (exit 1) may succeed on a retry; bad usage (exit 2) needs a different comma
 
 from __future__ import annotations
 
+import asyncio
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -67,3 +69,13 @@ def is_missing(exc: Exception) -> bool:
     """A source error that says the object is not there (HTTP 404/410, S3 NoSuchKey, no such file)."""
     text = str(exc)
     return any(k in text for k in ("HTTP 404", "HTTP 410", "no such object", "no such file"))
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a task group's failure is about: its first leaf that is not a cancellation."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

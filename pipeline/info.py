@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
-from pipeline.errors import ImgpipeError, InputRefused, UnsafeImage
+from pipeline.errors import ImgpipeError, InputRefused, UnsafeImage, first_error
 from pipeline.formats import sniff
 from pipeline.formats.layout import Decoder, ImageInfo
 from pipeline.formats.probes import HEAD_BYTES, PACKAGES, WRAPPERS
@@ -25,6 +25,7 @@ from pipeline.runner import plan_ranged
 from pipeline.s3util import S3Context
 from pipeline.settings import Settings
 from pipeline.sources import open_source
+from pipeline.stages import collect_head
 from pipeline.stats import JobStats
 from pipeline.unwrap import StreamView, layer_pool, unwrap_stage
 
@@ -103,17 +104,11 @@ async def _describe_stream(
 
     async def consume(tg: asyncio.TaskGroup) -> ImageInfo:
         nonlocal held
-        head = bytearray()
-        while len(head) < HEAD_BYTES:
-            chunk = await q.get()
-            if chunk is None:
-                break
-            held.append(chunk)
-            head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
+        head = await collect_head(q, held)
         eof = len(head) < HEAD_BYTES
         size = view.size if view.size is not None else (len(head) if eof else None)
         tail = bytes(head[-512:]) if eof else None
-        match = view.payload or sniff.decide(bytes(head), tail, size)
+        match = view.payload or sniff.decide(head, tail, size)
         stats.source_format = match.format
         if view.wrappers:
             out["wrappers"] = list(view.wrappers)
@@ -150,20 +145,11 @@ async def _describe_stream(
             for task in stages:  # the rest of the stream is not needed
                 task.cancel()
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     finally:
         for c in held:
             c.release()
     return info
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
 
 
 async def _replay(held: list[Chunk], q: ClosableQueue[Chunk], out: ClosableQueue[Chunk]) -> None:
@@ -229,7 +215,6 @@ async def _describe_package(
         output_format=settings.output_format,
         disk_choice=None,
         queue_depth=settings.queue_depth,
-        chunk_size=settings.chunk_size,
         convert=member,
     )
     report = await Package(ctx, layer_pool(settings)).run(q)

@@ -27,6 +27,7 @@ from pipeline.errors import (
     UnsafeImage,
     UnsupportedImage,
     UsageError,
+    first_error,
     is_missing,
 )
 from pipeline.formats import sniff
@@ -101,7 +102,7 @@ class _Failures:
                 raise
             except BaseExceptionGroup as group:
                 # A stage's own task group (the sinks' uploads): report the error inside, not the group.
-                leaf = _first_leaf(group)
+                leaf = first_error(group)
                 err = leaf if isinstance(leaf, ImgpipeError) else _unexpected(name, leaf)
                 err.stage = err.stage or name
                 self.first = self.first or err
@@ -116,15 +117,6 @@ class _Failures:
                 raise wrapped from exc
 
         return run()
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_leaf(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
 
 
 def _unexpected(stage: str, exc: BaseException) -> ImgpipeError:
@@ -206,9 +198,9 @@ class Outputs:
         self, spec: str, bound: int | None, reserve: int, deferred: bool = False, kind: str | None = None
     ) -> Sink:
         sink = open_sink(spec, self.settings, self.s3, bound)
-        sink.deferred = deferred
-        if deferred and not hasattr(sink, "commit_args") and not hasattr(sink, "path"):
+        if deferred and not sink.can_defer:
             raise UsageError(f"{spec}: a package's outputs must be files or S3 objects, not a pipe")
+        sink.deferred = deferred
         if spec == self.dst and self.hooks is not None and self.hooks.on_open is not None:
             self.hooks.on_open(self.source, sink)
         if kind is not None and isinstance(getattr(sink, "create_args", None), dict):
@@ -323,14 +315,14 @@ def _sibling_opener(
     spec: str = source.spec
     if not spec.startswith(("s3://", "http://", "https://")):
         return None
-    base = spec.split("?", 1)[0].rsplit("/", 1)[0]
 
     async def open_sibling(name: str) -> ImageReader:
-        sib = open_source(f"{base}/{name}", settings, s3)
+        where = _sibling_spec(spec, name)
+        sib = open_source(where, settings, s3)
         siblings.append(sib)
         await _open_source(sib)
         if not sib.ranged or sib.size is None:
-            raise UnsafeImage(f"{base}/{name}: an extent must be readable with byte ranges")
+            raise UnsafeImage(f"{where}: an extent must be readable with byte ranges")
         return RangedReader(sib, on_bytes=stats.read)
 
     return open_sibling
@@ -401,7 +393,6 @@ async def _stream_decode(
     match: Match,
     inq: ClosableQueue[Chunk],
     outq: ClosableQueue[Batch],
-    pool: BufferPool,
     source: Any,
     settings: Settings,
     stats: JobStats,
@@ -479,7 +470,6 @@ async def _image_stages(
     depth = settings.queue_depth
     sniffed_q: ClosableQueue[Chunk] = ClosableQueue(depth)
     decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
-    runs_q: ClosableQueue[Batch] = ClosableQueue(depth)
     out_q: ClosableQueue[Writes | Finish] = ClosableQueue(depth)
     verdict: asyncio.Future[Match] = asyncio.get_running_loop().create_future()
 
@@ -506,18 +496,9 @@ async def _image_stages(
             tg.create_task(failures.wrap("encode", raw_encode_stage(decoded_q, out_q, stats)))
             tg.create_task(failures.wrap("sink", sink.run(out_q)))
             return
-        sink = await open_output(None)
-        if settings.output_format == "qcow2":
-            encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
-        else:
-            encode = raw_encode_stage(runs_q, out_q, stats)
-        tg.create_task(
-            failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats))
-        )
-        tg.create_task(failures.wrap("encode", encode))
-        tg.create_task(failures.wrap("sink", sink.run(out_q)))
+        _output_stages(tg, failures, decoded_q, await open_output(None), settings, stats)
         if match.format in DECODERS:
-            await _stream_decode(match, sniffed_q, decoded_q, pool, view, settings, stats)
+            await _stream_decode(match, sniffed_q, decoded_q, view, settings, stats)
         elif match.format in ("raw", "iso"):
             await raw_decode_stage(sniffed_q, decoded_q, settings, stats)
         else:
@@ -540,6 +521,29 @@ async def _image_stages(
             tg.create_task(failures.wrap("decode", back(tg)))
     except BaseExceptionGroup as group:
         _raise_first(group, failures)
+
+
+def _output_stages(
+    tg: asyncio.TaskGroup,
+    failures: _Failures,
+    decoded_q: ClosableQueue[Batch],
+    sink: Sink,
+    settings: Settings,
+    stats: JobStats,
+) -> None:
+    """Guest extents -> zero-skip -> qcow2 (or raw) encode -> sink, as tasks of the job's group."""
+    depth = settings.queue_depth
+    runs_q: ClosableQueue[Batch] = ClosableQueue(depth)
+    out_q: ClosableQueue[Writes | Finish] = ClosableQueue(depth)
+    if settings.output_format == "qcow2":
+        encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
+    else:
+        encode = raw_encode_stage(runs_q, out_q, stats)
+    tg.create_task(
+        failures.wrap("zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats))
+    )
+    tg.create_task(failures.wrap("encode", encode))
+    tg.create_task(failures.wrap("sink", sink.run(out_q)))
 
 
 async def _pass(inq: ClosableQueue[Chunk], outq: ClosableQueue[Chunk]) -> None:
@@ -583,7 +587,6 @@ async def _run_stages(
             output_format=settings.output_format,
             disk_choice=settings.disk,
             queue_depth=depth,
-            chunk_size=settings.chunk_size,
             convert=functools.partial(_convert_member, outputs=outputs, settings=settings, parent=stats),
         )
 
@@ -614,25 +617,13 @@ async def _run_stages(
                 # Ranged sparse image: the decoder reads what it needs; nothing streams the whole file.
                 assert main is not None
                 decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
-                runs_q: ClosableQueue[Batch] = ClosableQueue(depth)
-                out_q: ClosableQueue[Writes | Finish] = ClosableQueue(depth)
-                if settings.output_format == "qcow2":
-                    encode = qcow2_encode_stage(runs_q, out_q, settings, stats)
-                else:
-                    encode = raw_encode_stage(runs_q, out_q, stats)
                 tg.create_task(
                     failures.wrap(
                         "decode",
                         decode_stage(plan.decoder, pool, decoded_q, settings.read_concurrency, stats),
                     )
                 )
-                tg.create_task(
-                    failures.wrap(
-                        "zero-skip", zero_skip_stage(decoded_q, runs_q, settings.cluster_size, stats)
-                    )
-                )
-                tg.create_task(failures.wrap("encode", encode))
-                tg.create_task(failures.wrap("sink", main.run(out_q)))
+                _output_stages(tg, failures, decoded_q, main, settings, stats)
                 return
             if hooks is not None:
                 tapped_q: ClosableQueue[Chunk] = ClosableQueue(depth)

@@ -27,6 +27,19 @@ from pipeline.settings import Settings, TiB
 from pipeline.stats import JobStats
 
 
+async def collect_head(q: ClosableQueue[Chunk], held: list[Chunk]) -> bytes:
+    """The first HEAD_BYTES of a chunk stream (fewer if it ends first); the chunks they came in are
+    appended to `held`, for the caller to pass on or release."""
+    head = bytearray()
+    while len(head) < HEAD_BYTES:
+        chunk = await q.get()
+        if chunk is None:
+            break
+        held.append(chunk)
+        head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
+    return bytes(head)
+
+
 async def sniff_stage(
     source: Any,  # the source, or the unwrap stage's view of it (pipeline/unwrap.StreamView)
     inq: ClosableQueue[Chunk],
@@ -40,15 +53,8 @@ async def sniff_stage(
     Holds a copy of at most HEAD_BYTES + TAIL_BYTES; the chunks themselves are only delayed.
     """
     held: list[Chunk] = []
-    head = bytearray()
-    eof = False
-    while len(head) < HEAD_BYTES:
-        chunk = await inq.get()
-        if chunk is None:
-            eof = True
-            break
-        held.append(chunk)
-        head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
+    head = await collect_head(inq, held)
+    eof = len(head) < HEAD_BYTES
     size = source.size
     tail: bytes | None = None
     if size is not None and size <= len(head):
@@ -61,7 +67,7 @@ async def sniff_stage(
     elif size is not None and source.ranged:
         tail = await source.read_range(size - TAIL_BYTES, TAIL_BYTES)
     payload: Match | None = getattr(source, "payload", None)
-    match = payload if payload is not None else sniff.decide(bytes(head), tail, size)
+    match = payload if payload is not None else sniff.decide(head, tail, size)
     stats.source_format, stats.source_detail = match.format, match.detail
     verdict.set_result(match)
     del head

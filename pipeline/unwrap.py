@@ -32,9 +32,10 @@ from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import CorruptImage, UnsafeImage
 from pipeline.formats import sniff
 from pipeline.formats.base import Match
-from pipeline.formats.probes import CPIO_MAGICS, HEAD_BYTES, WRAPPERS, Bzip2Probe
+from pipeline.formats.probes import CPIO_MAGICS, WRAPPERS, Bzip2Probe
 from pipeline.settings import MiB, Settings
 from pipeline.sources.base import ChunkFiller
+from pipeline.stages import collect_head
 from pipeline.stats import JobStats
 
 _gzip_zlib: types.ModuleType
@@ -400,18 +401,6 @@ def _close(inflater: Inflater) -> None:
         close()
 
 
-async def _head(q: ClosableQueue[Chunk]) -> tuple[list[Chunk], bytes]:
-    held: list[Chunk] = []
-    head = bytearray()
-    while len(head) < HEAD_BYTES:
-        chunk = await q.get()
-        if chunk is None:
-            break
-        held.append(chunk)
-        head += chunk.view(0, min(chunk.length, HEAD_BYTES - len(head)))
-    return held, bytes(head)
-
-
 async def _inflate(
     inflater: Inflater,
     held: list[Chunk],
@@ -494,7 +483,8 @@ async def unwrap_stage(
         async with asyncio.TaskGroup() as tg:
             q = inq
             while True:
-                held, head = await _head(q)
+                held = []
+                head = await collect_head(q, held)
                 kind = wrapper_of(head)
                 if kind is None:
                     break

@@ -98,7 +98,6 @@ class PackageContext:
     output_format: str
     disk_choice: int | None
     queue_depth: int
-    chunk_size: int
     convert: ConvertMember
     report: dict[str, Any] = field(default_factory=dict)
 

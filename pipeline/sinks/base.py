@@ -19,6 +19,9 @@ class Sink(ABC):
         # been read and verified (its manifest): run() then stops short of the commit, see commit().
         self.deferred = False
 
+    # Whether run() can stop short of the commit (a file or an object can wait unnamed; a pipe cannot).
+    can_defer = True
+
     async def open(self, reserve: int) -> None:
         """Prepare; `reserve` bytes at offset 0 (the qcow2 header cluster) are written at Finish."""
         self.reserve = reserve

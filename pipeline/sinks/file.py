@@ -180,6 +180,8 @@ class FileSink(Sink):
 class StreamSink(Sink):
     """stdout or a pipe: raw only, strictly sequential, zero runs written as zeros."""
 
+    can_defer = False
+
     def __init__(self, spec: str, settings: Settings, fd: int | None = None) -> None:
         super().__init__(spec, settings)
         self.fd = fd if fd is not None else -1
