@@ -21,6 +21,7 @@ from pipeline.messages import Finish, Writes
 from pipeline.s3util import S3Context, describe, error_code, parse_s3_url
 from pipeline.settings import S3_MAX_PART, S3_MAX_PARTS, S3_MIN_PART, MiB, Settings
 from pipeline.sinks.base import Sink
+from pipeline.sinks.partbody import PartBody
 
 GROWTH_EVERY = 500  # unknown output size: the part size doubles every 500 parts ...
 GROWTH_CAP = 128 * MiB  # ... up to this, so 10,000 parts hold 1.03 TiB
@@ -56,8 +57,8 @@ class S3Sink(Sink):
         self._complete_sent = False  # a CompleteMultipartUpload went out (it may have worked unseen)
         self.parts: dict[int, str] = {}
         self.part_log: list[int] = []  # part numbers in the order their uploads finished
-        self._part1 = bytearray()
-        self._cur = bytearray()
+        self._part1 = PartBody()
+        self._cur = PartBody()
         self._cur_len = 0
         self._cur_number = 1
         self._slot_count = max(1, settings.upload_memory // self.base)
@@ -65,7 +66,7 @@ class S3Sink(Sink):
         self._held: dict[int, int] = {}  # id(buffer) -> slots it holds
         self.expected_size = -1
         self._inflight = asyncio.Semaphore(settings.upload_concurrency)
-        self._free: list[bytearray] = []
+        self._free: list[PartBody] = []
         self._uploads: asyncio.TaskGroup | None = None
         self._log = log.get(stage="sink", destination=spec)
         # Set by a caller before open (the worker): Metadata for the object, and the condition
@@ -79,7 +80,7 @@ class S3Sink(Sink):
     async def open(self, reserve: int) -> None:
         await super().open(reserve)
         # Part 1 starts with the reserved header space; it is patched and sent at the very end.
-        self._part1 = bytearray(max(self.base, S3_MIN_PART))
+        self._part1 = PartBody(max(self.base, S3_MIN_PART))
         self._cur = self._part1
         self._cur_len = reserve
 
@@ -139,7 +140,7 @@ class S3Sink(Sink):
         for _ in range(need):
             await self._slots.acquire()
         buf = self._free.pop() if self._free and len(self._free[-1]) == size else None
-        self._cur = buf if buf is not None else bytearray(size)
+        self._cur = buf if buf is not None else PartBody(size)
         self._held[id(self._cur)] = need
         self._cur_len = 0
 
@@ -161,15 +162,16 @@ class S3Sink(Sink):
                 await self.on_upload_created(client, self.upload_id)
         return self.upload_id
 
-    async def _start_upload(self, number: int, buf: bytearray, length: int, release: bool) -> None:
+    async def _start_upload(self, number: int, buf: PartBody, length: int, release: bool) -> None:
         await self._ensure_upload()
         await self._inflight.acquire()
         assert self._uploads is not None
         self._uploads.create_task(self._upload(number, buf, length, release))
 
-    async def _upload(self, number: int, buf: bytearray, length: int, release: bool) -> None:
+    async def _upload(self, number: int, buf: PartBody, length: int, release: bool) -> None:
         client = await self.s3.client()
-        body: bytes | bytearray = buf if length == len(buf) else bytes(memoryview(buf)[:length])
+        # The last part is short: a copy of its bytes, once per upload.
+        body: bytes | PartBody = buf if length == len(buf) else bytes(memoryview(buf)[:length])
         try:
             # botocore retries 5xx, SlowDown and dropped connections (standard retry mode).
             resp = await client.upload_part(
