@@ -19,7 +19,7 @@ from pipeline.formats import sniff
 from pipeline.formats.layout import Decoder, ImageInfo
 from pipeline.formats.probes import HEAD_BYTES, PACKAGES, WRAPPERS
 from pipeline.formats.readers import StreamReader
-from pipeline.formats.registry import DECODERS
+from pipeline.formats.registry import DECODERS, decoder_class
 from pipeline.package.ovf import MAX_DESCRIPTOR, parse_ovf
 from pipeline.runner import plan_ranged
 from pipeline.s3util import S3Context
@@ -122,7 +122,7 @@ async def _describe_stream(
             reader = StreamReader(q, view.size, settings.reorder_buffer, held)
             held = []
             try:
-                return await DECODERS[match.format](reader, settings).open()
+                return await decoder_class(match.format)(reader, settings).open()
             finally:
                 reader.release()
         if size is None:  # a raw stream: its size is its length
@@ -178,7 +178,7 @@ async def _describe_package(
                 reader = StreamReader(mq, target.size, settings.reorder_buffer, [first])
                 first = None
                 try:
-                    vsize = (await DECODERS[m.format](reader, settings).open()).virtual_size
+                    vsize = (await decoder_class(m.format)(reader, settings).open()).virtual_size
                     await reader.drain()
                 finally:
                     reader.release()

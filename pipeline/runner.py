@@ -36,7 +36,7 @@ from pipeline.formats.decode import decode_stage
 from pipeline.formats.layout import Decoder, ImageReader
 from pipeline.formats.probes import COPIED, HEAD_BYTES, PACKAGES, TAIL_BYTES, WRAPPERS
 from pipeline.formats.readers import RangedReader, StreamReader
-from pipeline.formats.registry import DECODERS
+from pipeline.formats.registry import DECODERS, decoder_class
 from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.package.ovf import MAX_DESCRIPTOR
 from pipeline.package.run import Package, PackageContext, check_against_ovf, chunk_views, package_stage
@@ -361,7 +361,7 @@ async def plan_ranged(
     reader = RangedReader(
         source, prefix or head, stats.read, _sibling_opener(source, settings, s3, siblings, stats)
     )
-    decoder = DECODERS[match.format](reader, settings)
+    decoder = decoder_class(match.format)(reader, settings)
     try:
         await decoder.open()
     except ImgpipeError as exc:
@@ -404,7 +404,7 @@ async def _stream_decode(
     pool = layer_pool(settings)
     reader = StreamReader(inq, source.size, settings.reorder_buffer)
     try:
-        decoder = DECODERS[match.format](reader, settings)
+        decoder = decoder_class(match.format)(reader, settings)
         info = await decoder.open()
         if settings.output_format == "qcow2":
             check_geometry(info.virtual_size, settings.cluster_size)

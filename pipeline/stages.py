@@ -16,10 +16,11 @@ from typing import Any
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import Chunk
-from pipeline.errors import UnsafeImage
+from pipeline.errors import NotThisFormat, UnsafeImage
 from pipeline.formats import sniff
 from pipeline.formats.base import Match
-from pipeline.formats.probes import HEAD_BYTES, TAIL_BYTES, VHD_FOOTER
+from pipeline.formats.probes import HEAD_BYTES, PROBES, TAIL_BYTES, VHD_FOOTER
+from pipeline.formats.registry import DECODERS, decoder_class
 from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.qcow2.compress import make_compressor
 from pipeline.qcow2.writer import Qcow2Writer
@@ -143,11 +144,18 @@ async def raw_decode_stage(
 
 
 def _trailing_footer(tail: bytes, size: int) -> int | None:
-    """The guest size if the stream ended with a footer of a decodable format, else None."""
-    from pipeline.formats.registry import DECODERS
+    """The guest size if the stream ended with a footer of a decodable format, else None.
 
-    for decoder in DECODERS.values():
-        guest = decoder.trailing_footer(tail, size)
+    Only a decoder whose format's tail probe matches is loaded and asked: the end of every raw
+    stream passes here, and importing every decoder for it would cost a raw job their start-up."""
+    for probe in PROBES:
+        if not probe.tail or probe.name not in DECODERS:
+            continue
+        try:
+            probe.probe(b"", tail, size)
+        except NotThisFormat:
+            continue
+        guest = decoder_class(probe.name).trailing_footer(tail, size)
         if guest is not None:
             return guest
     return None

@@ -110,7 +110,8 @@ class Decoder(ABC):
         """For a format that is raw guest data plus a footer at the very end (a fixed VHD): given
         the file's last bytes, the guest size, or None if `tail` is not such a footer. Lets a
         sequential source, which learns its end only at EOF, be read as raw and trimmed there.
-        Raise CorruptImage / UnsupportedImage for a footer of this format that is refused."""
+        Raise CorruptImage / UnsupportedImage for a footer of this format that is refused. Asked
+        only when the format's probe declares a `tail` and matches it (stages._trailing_footer)."""
         return None
 
     @abstractmethod
