@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import log
 from pipeline.aqueue import ClosableQueue
@@ -38,8 +38,6 @@ from pipeline.formats.probes import COPIED, HEAD_BYTES, PACKAGES, TAIL_BYTES, WR
 from pipeline.formats.readers import RangedReader, StreamReader
 from pipeline.formats.registry import DECODERS, decoder_class
 from pipeline.messages import Batch, Extent, Finish, Writes
-from pipeline.package.ovf import MAX_DESCRIPTOR
-from pipeline.package.run import Package, PackageContext, check_against_ovf, chunk_views, package_stage
 from pipeline.qcow2.writer import check_geometry
 from pipeline.s3util import S3Context
 from pipeline.settings import Settings, TiB
@@ -55,6 +53,11 @@ from pipeline.stages import (
 )
 from pipeline.stats import JobStats
 from pipeline.unwrap import StreamView, layer_pool, unwrap_stage
+
+if TYPE_CHECKING:
+    # pipeline.package (tar, OVF, manifest, the XML parser) is imported where a package is met: an
+    # image job never loads it.
+    from pipeline.package.run import PackageContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,6 +584,8 @@ async def _run_stages(
         return await outputs.open(outputs.dst, None, _reserve(settings))
 
     def package_context() -> PackageContext:
+        from pipeline.package.run import PackageContext
+
         return PackageContext(
             spec=source.spec,
             dst=outputs.dst,
@@ -591,6 +596,8 @@ async def _run_stages(
         )
 
     async def run_package(inq: ClosableQueue[Chunk]) -> None:
+        from pipeline.package.run import package_stage
+
         ctx = package_context()
         try:
             await package_stage(inq, ctx, layer_pool(settings))
@@ -659,6 +666,8 @@ async def _convert_member(
     inq: ClosableQueue[Chunk], target: Any, *, outputs: Outputs, settings: Settings, parent: JobStats
 ) -> dict[str, Any]:
     """One disk, kernel or ramdisk of a package, from its chunks to its own (deferred) output."""
+    from pipeline.package.run import check_against_ovf
+
     stats = JobStats(source=f"{parent.source}#{target.member}", destination=target.spec)
     stats.output_format = settings.output_format
     stats.cluster_size = settings.cluster_size if settings.output_format == "qcow2" else 0
@@ -725,6 +734,9 @@ async def _loose_ovf(
 ) -> dict[str, Any]:
     """SRC is an OVF descriptor: its manifest (NAME.mf, if there is one) and its disks are the objects
     beside it, each streamed once through the same checks as an OVA's members."""
+    from pipeline.package.ovf import MAX_DESCRIPTOR
+    from pipeline.package.run import Package, chunk_views
+
     data = bytearray()
     async for chunk in inq:
         data += chunk.view()
@@ -768,6 +780,8 @@ async def _loose_ovf(
 
 
 async def _read_whole(src: Any, pool: BufferPool, stats: JobStats, limit: int) -> bytes:
+    from pipeline.package.run import chunk_views
+
     if src.size is not None and src.size > limit:
         raise UnsafeImage(f"{src.spec} is {src.size} bytes, more than the {limit >> 20} MiB allowed")
     q: ClosableQueue[Chunk] = ClosableQueue(2)
