@@ -32,6 +32,8 @@ NOT_FOR_A_LOCAL_RAW_JOB = (
     "pipeline.sources.http",
     "pipeline.sources.s3",
     "pipeline.sinks.s3",
+    "pipeline.sources.rangeio",
+    "yarl",
     "aiohttp",
     "botocore",
     "aiobotocore",

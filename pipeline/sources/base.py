@@ -12,13 +12,17 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING
 
 from pipeline import log
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import SourceChanged, SourceError
 from pipeline.settings import Settings
-from pipeline.sources.rangeio import Head, RangeClient, RangeIOError, Unframed
+
+if TYPE_CHECKING:
+    # The zero-copy HTTP client is the HTTP and S3 sources' (they import it); a file source never loads it.
+    from pipeline.sources.rangeio import Head, RangeClient
 
 OnBytes = Callable[[int], None]
 
@@ -125,6 +129,8 @@ class RangedSource(Source):
     ) -> tuple[Head, int] | None:
         """One ranged GET through the zero-copy client (rangeio) into `view`. None: the answer is one
         that client does not frame, and the caller should use its general client from now on."""
+        from pipeline.sources.rangeio import RangeIOError, Unframed
+
         self.requests += 1
         try:
             return await client.get(headers, view, path_qs)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from yarl import URL
+if TYPE_CHECKING:
+    from yarl import URL  # made by the HTTP and S3 sources, which import yarl themselves
 
 HEAD_LIMIT = 64 * 1024
 
