@@ -25,8 +25,6 @@ import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import zstandard
-
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
 from pipeline.errors import CorruptImage, UnsafeImage
@@ -38,13 +36,16 @@ from pipeline.sources.base import ChunkFiller
 from pipeline.stages import collect_head
 from pipeline.stats import JobStats
 
-_gzip_zlib: types.ModuleType
-try:  # ISA-L's inflate: several times zlib's speed on the same streams; the stdlib is the fallback.
-    from isal import isal_zlib
 
-    _gzip_zlib, GZIP_LIBRARY = isal_zlib, "isal"
-except ImportError:  # pragma: no cover - isal is a dependency, but keep working without it
-    _gzip_zlib, GZIP_LIBRARY = zlib, "zlib"
+def _gzip_library() -> tuple[types.ModuleType, str]:
+    """ISA-L's inflate: several times zlib's speed on the same streams; the stdlib is the fallback.
+    Imported with the first gzip input, as zstandard is with the first zstd one."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency, but keep working without it
+        return zlib, "zlib"
+    return isal_zlib, "isal"
+
 
 MAX_DEPTH = 4
 RATIO_GRACE = 64 * MiB  # output below this is never judged by the ratio
@@ -220,10 +221,10 @@ class GzipInflater(_ZlibMembers):
 
     def __init__(self) -> None:
         super().__init__()
-        self.library = GZIP_LIBRARY
+        self.zlib, self.library = _gzip_library()
 
     def _new(self) -> Any:
-        return _gzip_zlib.decompressobj(31)
+        return self.zlib.decompressobj(31)
 
 
 class XzInflater(_LzmaStyleMembers):
@@ -257,7 +258,10 @@ class ZstdInflater:
         self.skip = 0
         self.frames = 0
         self.d: Any = None
+        import zstandard
+
         self.dctx = zstandard.ZstdDecompressor()
+        self.error: type[Exception] = zstandard.ZstdError
 
     def feed(self, data: bytes) -> None:
         del self.buf[: self.pos]
@@ -342,7 +346,7 @@ class ZstdInflater:
                     return out
         except CorruptImage:
             raise
-        except zstandard.ZstdError as exc:
+        except self.error as exc:
             raise _corrupt(self.name, exc) from None
 
     def finish(self) -> None:

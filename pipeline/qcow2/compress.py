@@ -17,12 +17,6 @@ import zlib
 from collections.abc import Callable
 from types import ModuleType
 
-_deflate_mod: ModuleType
-try:
-    from zlib_ng import zlib_ng as _deflate_mod
-except ImportError:  # the stdlib is the fallback: same format, slower
-    _deflate_mod = zlib
-
 QCOW2_COMPRESSION_TYPE = {"zlib": 0, "zstd": 1}
 
 Compress = Callable[[bytes | memoryview], bytes]
@@ -31,7 +25,11 @@ Compress = Callable[[bytes | memoryview], bytes]
 def make_compressor(kind: str, level: int) -> Compress:
     """A thread-safe function: one cluster's bytes -> its compressed form."""
     if kind == "zlib":
-        mod = _deflate_mod
+        mod: ModuleType
+        try:
+            from zlib_ng import zlib_ng as mod
+        except ImportError:  # the stdlib is the fallback: same format, slower
+            mod = zlib
 
         def deflate(data: bytes | memoryview) -> bytes:
             co = mod.compressobj(level, mod.DEFLATED, -12, 9)
