@@ -32,10 +32,7 @@ from pipeline.errors import (
 )
 from pipeline.formats import sniff
 from pipeline.formats.base import Match
-from pipeline.formats.decode import decode_stage
-from pipeline.formats.layout import Decoder, ImageReader
 from pipeline.formats.probes import COPIED, HEAD_BYTES, PACKAGES, TAIL_BYTES, WRAPPERS
-from pipeline.formats.readers import RangedReader, StreamReader
 from pipeline.formats.registry import DECODERS, decoder_class
 from pipeline.messages import Batch, Extent, Finish, Writes
 from pipeline.qcow2.writer import check_geometry
@@ -55,8 +52,10 @@ from pipeline.stats import JobStats
 from pipeline.unwrap import StreamView, layer_pool, unwrap_stage
 
 if TYPE_CHECKING:
-    # pipeline.package (tar, OVF, manifest, the XML parser) is imported where a package is met: an
-    # image job never loads it.
+    # Imported where a job meets what needs them: the sparse-format machinery (readers, the decode
+    # stage; the decoders themselves come from the registry) for qcow2, VMDK, VHD(X) and VDI inputs,
+    # pipeline.package (tar, OVF, manifest, the XML parser) for packages. A raw job loads neither.
+    from pipeline.formats.layout import Decoder, ImageReader
     from pipeline.package.run import PackageContext
 
 
@@ -320,6 +319,8 @@ def _sibling_opener(
         return None
 
     async def open_sibling(name: str) -> ImageReader:
+        from pipeline.formats.readers import RangedReader
+
         where = _sibling_spec(spec, name)
         sib = open_source(where, settings, s3)
         siblings.append(sib)
@@ -361,6 +362,8 @@ async def plan_ranged(
     stats.source_format, stats.source_detail = match.format, match.detail
     if match.format not in DECODERS:
         return Plan(match, tail, None)
+    from pipeline.formats.readers import RangedReader
+
     reader = RangedReader(
         source, prefix or head, stats.read, _sibling_opener(source, settings, s3, siblings, stats)
     )
@@ -401,6 +404,9 @@ async def _stream_decode(
     stats: JobStats,
 ) -> None:
     """A sparse format from a sequential source: decode in one pass through the stream reader."""
+    from pipeline.formats.decode import decode_stage
+    from pipeline.formats.readers import StreamReader
+
     # The source side of the job's pool may be all held by chunks queued on the way to this decoder
     # (source -> unwrap -> sniff -> here: more chunks than the pool has), which waits for them: its
     # output comes from a pool of its own. A 1 GiB streamOptimized VMDK over HTTP deadlocked without.
@@ -622,6 +628,8 @@ async def _run_stages(
             progress = asyncio.create_task(_progress(stats, progress_on))
             if plan is not None and plan.decoder is not None:
                 # Ranged sparse image: the decoder reads what it needs; nothing streams the whole file.
+                from pipeline.formats.decode import decode_stage
+
                 assert main is not None
                 decoded_q: ClosableQueue[Batch] = ClosableQueue(depth)
                 tg.create_task(
