@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import tempfile
 
 import aiofiles.os
@@ -150,7 +149,7 @@ class FileSink(Sink):
                 # Name the unnamed file beside DST, then rename over DST (atomic, replaces an old one).
                 self.tmp = os.path.join(
                     os.path.dirname(self.path),
-                    f".{os.path.basename(self.path)}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}",
+                    f".{os.path.basename(self.path)}.{os.urandom(6).hex()}{PARTIAL_SUFFIX}",
                 )
                 _name_unnamed(fd, self.tmp)
             os.close(fd)
