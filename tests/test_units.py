@@ -250,3 +250,21 @@ async def test_stream_reader_keeps_a_bounded_window_of_skipped_bytes() -> None:
     with pytest.raises(CorruptImage, match="truncated"):
         await r2.read(len(data) - 5, 10)
     assert await r2.drain() == len(data)
+
+
+def test_zero_skipper_whole_extent_check() -> None:
+    """An extent empty from end to end is one zero run; the next one, of another length and with one
+    byte set in its very last cluster, is still split cluster by cluster."""
+    skipper = ZeroSkipper(4096)
+    buf = bytearray(b"\xff" * 512 + bytes(512 * 1024))
+    out: list[Extent] = []
+    assert skipper.split(Extent(0, 256 * 1024, Chunk(None, buf, len(buf)), 512), out) == 256 * 1024
+    assert [(e.offset, e.length, e.chunk) for e in out] == [(0, 256 * 1024, None)]
+    buf[512 + 384 * 1024 - 1] = 1
+    out.clear()
+    zeros = skipper.split(Extent(1 << 20, 384 * 1024, Chunk(None, buf, len(buf)), 512), out)
+    assert zeros == 380 * 1024
+    assert [(e.offset, e.length, e.chunk is None) for e in out] == [
+        ((1 << 20), 380 * 1024, True),
+        ((1 << 20) + 380 * 1024, 4096, False),
+    ]
