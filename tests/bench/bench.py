@@ -843,12 +843,14 @@ def s3_convert_row(
         return m
 
     try:
-        om, _ = interleave(ctx, row, ours, peer if with_peer else None)
+        om, pm = interleave(ctx, row, ours, peer if with_peer else None)
     finally:
         peer_src.drop()
     ctx.ours_runs[(server.name, name)] = om
     if out_size and with_peer:
         row.notes.append(f"peer uploads {fmt_bytes(out_size[0])} (= our output)")
+    if src.startswith("http") and pm:
+        cpu_floor_note(ctx, row, src, env, om, pm)
     if src.startswith("s3://") and with_peer and row.peer is not None:
         # The floor under this ratio: only reading the source, with the same transfer manager.
         dl = ctx.outdir / "floor.raw"
@@ -861,6 +863,33 @@ def s3_convert_row(
             f"{m.wall / row.peer.wall:.2f}x the peer: no conversion can go below that ratio here"
         )
     return row
+
+
+def cpu_floor_note(
+    ctx: Ctx, row: Row, src: str, env: dict[str, str], om: list[Measure], pm: list[Measure]
+) -> None:
+    """The floor under an HTTP -> S3 ratio on a machine whose cores nginx and the store share with us.
+
+    Ours must both upload what the peer uploads and read the whole source from nginx; on n cores busy
+    from end to end, no conversion can finish before (the peer's machine CPU + a plain read's machine
+    CPU) / n. Measured: whole-machine busy time (/proc/stat) of the peer's runs, and of `curl` reading
+    the source to /dev/null."""
+    reads = [
+        ctx.run(["curl", "-sf", "-o", "/dev/null", src], env, f"{row.name} reference: plain read {i + 1}")
+        for i in range(max(1, min(3, ctx.args.runs)))
+    ]
+    cores = os.cpu_count() or 1
+    read_cpu = statistics.median(m.extra["machine_cpu"] for m in reads)
+    peer_cpu = statistics.median(m.extra["machine_cpu"] for m in pm)
+    ours_cpu = statistics.median(m.extra["machine_cpu"] for m in om)
+    assert row.peer is not None
+    floor = (peer_cpu + read_cpu) / cores
+    row.notes.append(
+        f"whole machine ({cores} cores): the peer's runs used {peer_cpu:.1f} CPU-s, ours {ours_cpu:.1f}; "
+        f"reading the source alone from nginx (curl to /dev/null) used {read_cpu:.1f}. Uploading as the "
+        f"peer does plus that read cannot take less than {floor:.2f} s here: ratio floor "
+        f"{floor / row.peer.wall:.2f}"
+    )
 
 
 def rows_s3(ctx: Ctx, server: S3Server, wanted: list[str], results: list[Row]) -> None:

@@ -7,6 +7,8 @@
 - peak RSS: the largest VmHWM of any process of the child's session, sampled every 50 ms. Not ru_maxrss:
   Linux carries the spawning process's high-water RSS across fork+exec into the child's ru_maxrss, so
   once this harness had grown (boto3 moving a 1.2 GB object in-process) every child reported its 244 MiB;
+- machine CPU seconds: every core's busy time (/proc/stat) from spawn to exit, the child's and everyone
+  else's: on a machine whose cores the loopback servers share, what a run cost the whole box;
 - bytes written to storage: `write_bytes` (and `cancelled_write_bytes`) of /proc/<pid>/io, read while the
   child is a zombie: os.waitid(WEXITED | WNOWAIT) waits for the exit without reaping, the file is read,
   then os.wait4 reaps. The kernel accounts write_bytes when a page is dirtied (not at writeback), and folds
@@ -33,6 +35,14 @@ from typing import IO
 IO_ZOMBIE = "zombie"  # /proc/<pid>/io read after exit, before reaping
 IO_SAMPLED = "sampled-50ms"  # fallback: last sample taken while running
 SAMPLE_PERIOD = 0.05
+
+
+def machine_busy() -> float:
+    """Seconds of CPU time all cores have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -138,6 +148,7 @@ def run_measured(
     done = threading.Event()
     timed_out = threading.Event()
 
+    busy0 = machine_busy()
     start = time.perf_counter()
     proc = subprocess.Popen(
         list(argv),
@@ -189,6 +200,7 @@ def run_measured(
     try:
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         wall = time.perf_counter() - start
+        machine_cpu = machine_busy() - busy0
         io = read_proc_io(pid) if io_method == IO_ZOMBIE else None
         done.set()
         rss_thread.join()
@@ -229,6 +241,7 @@ def run_measured(
         stdout=b"".join(out).decode("utf-8", "replace"),
         stderr=b"".join(err).decode("utf-8", "replace"),
         timed_out=timed_out.is_set(),
+        extra={"machine_cpu": machine_cpu},
     )
 
 
