@@ -626,6 +626,13 @@ async def _run_stages(
     try:
         async with asyncio.TaskGroup() as tg:
             progress = asyncio.create_task(_progress(stats, progress_on))
+            if plan is not None and plan.decoder is None and main is not None:
+                from pipeline import localcopy
+
+                if localcopy.eligible(source, main, plan.match.format, settings):
+                    # A local raw file into a local file: no stage has anything to add (localcopy.py).
+                    tg.create_task(failures.wrap("copy", localcopy.local_copy(source, main, settings, stats)))
+                    return
             if plan is not None and plan.decoder is not None:
                 # Ranged sparse image: the decoder reads what it needs; nothing streams the whole file.
                 from pipeline.formats.decode import decode_stage

@@ -23,7 +23,7 @@ PARTIAL_SUFFIX = ".imgpipe-partial"
 _CAN_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
 
-def _pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
+def pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
     total = 0
     views = [memoryview(b).cast("B") for b in bufs]
     while views:
@@ -38,6 +38,30 @@ def _pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
         if n:
             views[0] = views[0][n:]
     return total
+
+
+Extents = list[tuple[int, list[bytes | memoryview]]]  # (file offset, buffers that follow each other)
+
+
+def place(items: list[bytes | memoryview | int], pos: int) -> tuple[Extents, int]:
+    """Output items from file offset `pos`, as positional writes of contiguous buffers (a zero run,
+    an int, leaves a hole between them); and the offset after the last item."""
+    extents: Extents = []
+    bufs: list[bytes | memoryview] = []
+    start = pos
+    for piece in items:
+        if isinstance(piece, int):
+            if bufs:
+                extents.append((start, bufs))
+                bufs = []
+            pos += piece
+            start = pos
+        else:
+            bufs.append(piece)
+            pos += len(piece)
+    if bufs:
+        extents.append((start, bufs))
+    return extents, pos
 
 
 def _name_unnamed(fd: int, path: str) -> None:
@@ -91,26 +115,15 @@ class FileSink(Sink):
                 if isinstance(item, Finish):
                     fin = item
                     break
-                extents: list[tuple[int, list[bytes | memoryview]]] = []
-                bufs: list[bytes | memoryview] = []
-                start = pos
-                for piece in item.items:
-                    if isinstance(piece, int):
-                        # A zero run leaves a hole.
-                        if bufs:
-                            extents.append((start, bufs))
-                            bufs = []
-                        pos += piece
-                        start = pos
-                    else:
-                        bufs.append(piece)
-                        pos += len(piece)
-                if bufs:
-                    extents.append((start, bufs))
+                extents, pos = place(item.items, pos)
                 await slots.acquire()
                 tg.create_task(self._write(extents, item, slots))
             else:
                 raise SinkError(f"{self.spec}: the output stream ended without its end marker")
+        await self.complete(fin)
+
+    async def complete(self, fin: Finish) -> None:
+        """Everything but the header is written: commit now, or hold it for a deferred commit."""
         if self.deferred:
             self._fin = fin
             return
@@ -121,12 +134,10 @@ class FileSink(Sink):
             raise SinkError(f"{self.spec}: commit before the output was complete")
         await self._commit(self._fin)
 
-    async def _write(
-        self, extents: list[tuple[int, list[bytes | memoryview]]], item: Writes, slots: asyncio.Semaphore
-    ) -> None:
+    async def _write(self, extents: Extents, item: Writes, slots: asyncio.Semaphore) -> None:
         try:
             for offset, bufs in extents:
-                await asyncio.to_thread(_pwritev_all, self.fd, bufs, offset)
+                await asyncio.to_thread(pwritev_all, self.fd, bufs, offset)
         except OSError as exc:
             raise SinkError(f"{self.spec}: write failed: {exc.strerror or exc}") from None
         finally:

@@ -19,7 +19,7 @@ from pipeline.sources.base import OnBytes, Source
 FILE_READS_IN_FLIGHT = 2  # one per core here; more only queued behind the same two copies
 
 
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
     """Fill `view` from `offset`; short only at end of file."""
     done = 0
     while done < len(view):
@@ -61,6 +61,9 @@ class FileSource(Source):
             raise SourceError(f"{self.spec}: is a directory, not an image")
         # Pipes and character devices stay sequential with an unknown size.
 
+    def fileno(self) -> int:
+        return int(self._f.fileno())
+
     async def read_range(self, offset: int, length: int) -> bytes:
         if not self.ranged:
             return await super().read_range(offset, length)
@@ -72,8 +75,8 @@ class FileSource(Source):
     async def read_into(self, offset: int, view: memoryview) -> int:
         if not self.ranged:
             return await super().read_into(offset, view)
-        # _pread_full releases the view it gets: hand it its own, the caller keeps using `view`.
-        got: int = await asyncio.to_thread(_pread_full, self._f.fileno(), view[:], offset)
+        # pread_full releases the view it gets: hand it its own, the caller keeps using `view`.
+        got: int = await asyncio.to_thread(pread_full, self._f.fileno(), view[:], offset)
         self.requests += 1
         self.bytes_fetched += got
         return got
@@ -126,7 +129,7 @@ class FileSource(Source):
                     n = min(pool.size, size - offset)
                     view = chunk.space(0, n)
                     window.append(
-                        (chunk, asyncio.ensure_future(asyncio.to_thread(_pread_full, fd, view, offset)))
+                        (chunk, asyncio.ensure_future(asyncio.to_thread(pread_full, fd, view, offset)))
                     )
                     offset += n
                 chunk, fut = window.popleft()
