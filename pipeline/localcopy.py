@@ -29,6 +29,7 @@ from pipeline.sinks.file import Extents, FileSink, place, pwritev_all
 from pipeline.sources.file import FileSource, pread_full
 from pipeline.stages import ZeroSkipper
 from pipeline.stats import JobStats
+from pipeline.threads import to_thread_to_end
 
 THREADS = 2  # one per core here; a third only queues behind the same two copies (measured)
 
@@ -175,6 +176,6 @@ async def local_copy(
         raise
     finally:
         executor.shutdown(wait=False)
-    fin = await asyncio.to_thread(copy.finish)
+    fin = await to_thread_to_end(copy.finish)
     stats.virtual_size = fin.virtual_size  # qcow2 rounds it up to whole sectors
     await sink.complete(fin)

@@ -20,6 +20,7 @@ from pipeline import localcopy
 from pipeline.errors import SinkError, SourceError
 from pipeline.runner import convert
 from pipeline.settings import from_env
+from pipeline.threads import to_thread_to_end
 from tests.helpers import MiB, leftovers, make_raw, qemu_check, qemu_compare
 
 # Small chunks: many of them, so the workers take turns often (and out of step).
@@ -168,5 +169,61 @@ async def test_cancelled_mid_copy_leaves_nothing(monkeypatch: pytest.MonkeyPatch
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await job
+    assert not dst.exists()
+    assert leftovers(tmp_path) == []
+
+
+async def test_a_cancelled_thread_call_is_waited_for() -> None:
+    started, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(10)
+        ended.set()
+        return 1
+
+    task = asyncio.create_task(to_thread_to_end(slow))
+    assert await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ended.is_set()
+
+
+async def test_the_stage_paths_sink_waits_for_its_writes_when_cancelled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A cancelled job must not close the output under a write still running on a thread: the
+    descriptor's number could be the next file's by then."""
+    import pipeline.sinks.file as file_sink
+
+    src = make_raw(tmp_path / "disk.raw", 16 * MiB, seed=7, data_fraction=0.9)
+    dst = tmp_path / "out.qcow2"
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real = file_sink.pwritev_all
+
+    def stalled(*args: Any) -> int:
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+            n = real(*args)
+            finished.set()
+            return n
+        return real(*args)
+
+    monkeypatch.setattr(file_sink, "pwritev_all", stalled)
+    # zstd clusters: not the local raw path, so the stages' sink does the writing
+    job = asyncio.create_task(convert(str(src), str(dst), from_env(CHUNK, progress=False, compress="zstd")))
+    assert await asyncio.to_thread(started.wait, 10)
+    job.cancel()
+    await asyncio.sleep(0.2)
+    assert not job.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert finished.is_set()
     assert not dst.exists()
     assert leftovers(tmp_path) == []

@@ -14,6 +14,7 @@ from pipeline.errors import SinkError, UsageError
 from pipeline.messages import Finish, Writes
 from pipeline.settings import Settings
 from pipeline.sinks.base import Sink
+from pipeline.threads import to_thread_to_end
 
 IOV_MAX = 1024
 WRITES_IN_FLIGHT = 4
@@ -137,7 +138,7 @@ class FileSink(Sink):
     async def _write(self, extents: Extents, item: Writes, slots: asyncio.Semaphore) -> None:
         try:
             for offset, bufs in extents:
-                await asyncio.to_thread(pwritev_all, self.fd, bufs, offset)
+                await to_thread_to_end(pwritev_all, self.fd, bufs, offset)
         except OSError as exc:
             raise SinkError(f"{self.spec}: write failed: {exc.strerror or exc}") from None
         finally:
@@ -155,7 +156,7 @@ class FileSink(Sink):
                 os.fsync(fd)
 
         try:
-            await asyncio.to_thread(finish)
+            await to_thread_to_end(finish)
             if self.tmp is None:
                 # Name the unnamed file beside DST, then rename over DST (atomic, replaces an old one).
                 self.tmp = os.path.join(
@@ -230,7 +231,7 @@ class StreamSink(Sink):
                 self.committed = True
                 continue
             try:
-                self.written += await asyncio.to_thread(self._write_all, item.items)
+                self.written += await to_thread_to_end(self._write_all, item.items)
             except BrokenPipeError:
                 raise SinkError(f"{self.spec}: the reader closed the pipe") from None
             except OSError as exc:

@@ -9,6 +9,10 @@ the loop's CPU, as much as the peer's whole upload.
 A `PartBody` is still a bytearray, so botocore validates, measures and signs it as one; aiohttp picks
 `PartPayload` for it by exact type, which sends the headers alone and then the body as memoryview
 slices small enough for the socket to take them whole.
+
+Where botocore streams the body as aws-chunked with a checksum trailer (its `when_supported` default,
+which imgpipe keeps against AWS itself), it wraps the body in an `io.BytesIO` first, a copy of its
+own: there this payload is not used, and nothing is worse than with a plain bytearray.
 """
 
 from __future__ import annotations
@@ -56,5 +60,6 @@ class PartPayload(payload.Payload):
             await writer.write(view[start : start + PIECE])
 
 
-# By exact type: every other body keeps aiohttp's own payloads.
-payload.PAYLOAD_REGISTRY.register(PartPayload, PartBody)
+# Ahead of aiohttp's own: before aiohttp 3.11 the registry went by isinstance in order, and its
+# BytesPayload (registered for bytearray) would take a PartBody. Every other body keeps aiohttp's.
+payload.PAYLOAD_REGISTRY.register(PartPayload, PartBody, order=payload.Order.try_first)
