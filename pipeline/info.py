@@ -14,13 +14,13 @@ from typing import Any
 
 from pipeline.aqueue import ClosableQueue
 from pipeline.buffers import BufferPool, Chunk
-from pipeline.errors import ImgpipeError, InputRefused, UnsafeImage, first_error
+from pipeline.errors import ImgpipeError, InputRefused, first_error
 from pipeline.formats import sniff
 from pipeline.formats.layout import Decoder, ImageInfo
 from pipeline.formats.probes import HEAD_BYTES, PACKAGES, WRAPPERS
 from pipeline.formats.readers import StreamReader
 from pipeline.formats.registry import DECODERS, decoder_class
-from pipeline.package.ovf import MAX_DESCRIPTOR, parse_ovf
+from pipeline.package.ovf import parse_ovf
 from pipeline.runner import plan_ranged
 from pipeline.s3util import S3Context
 from pipeline.settings import Settings
@@ -165,7 +165,7 @@ async def _describe_package(
 ) -> dict[str, Any]:
     """Every member as it streams by: OVF and manifest parsed, digests checked, each disk sniffed and
     its header read (its virtual size); nothing is written."""
-    from pipeline.package.run import Package, PackageContext, Target, check_against_ovf
+    from pipeline.package.run import Package, PackageContext, Target, check_against_ovf, read_loose_descriptor
 
     async def member(mq: ClosableQueue[Chunk], target: Target) -> dict[str, Any]:
         fmt, vsize, detail = target.kind, target.size or 0, ""  # a tar member always has its size
@@ -202,13 +202,7 @@ async def _describe_package(
 
     if kind == "ovf":
         # A loose descriptor: what it says; its disks are objects of their own (give them to info).
-        data = bytearray()
-        async for chunk in q:
-            data += chunk.view()
-            chunk.release()
-            if len(data) > MAX_DESCRIPTOR:
-                raise UnsafeImage(f"OVF descriptor is over {MAX_DESCRIPTOR >> 20} MiB")
-        return {"package": "ovf", "ovf": parse_ovf(bytes(data)).to_json()}
+        return {"package": "ovf", "ovf": parse_ovf(await read_loose_descriptor(q)).to_json()}
     ctx = PackageContext(
         spec=source.spec,
         dst="{index}",

@@ -749,18 +749,12 @@ async def _loose_ovf(
 ) -> dict[str, Any]:
     """SRC is an OVF descriptor: its manifest (NAME.mf, if there is one) and its disks are the objects
     beside it, each streamed once through the same checks as an OVA's members."""
-    from pipeline.package.ovf import MAX_DESCRIPTOR
-    from pipeline.package.run import Package, chunk_views
+    from pipeline.package.run import Package, chunk_views, read_loose_descriptor
 
-    data = bytearray()
-    async for chunk in inq:
-        data += chunk.view()
-        chunk.release()
-        if len(data) > MAX_DESCRIPTOR:
-            raise UnsafeImage(f"OVF descriptor is over {MAX_DESCRIPTOR >> 20} MiB")
+    data = await read_loose_descriptor(inq)
     pkg = Package(ctx, layer_pool(settings))
     name = os.path.basename(source.spec.split("?", 1)[0])
-    pkg.hash_bytes(name, bytes(data))
+    pkg.hash_bytes(name, data)
     stem = name.rsplit(".", 1)[0]
 
     async def read(href: str, optional: bool) -> Any:
@@ -783,7 +777,7 @@ async def _loose_ovf(
     if mf is not None:
         body = await _read_whole(mf, pool, stats, 1 << 20)
         pkg.manifest_member(f"{stem}.mf", body)
-    await pkg.descriptor_member(name, bytes(data))
+    await pkg.descriptor_member(name, data)
     for href in list(pkg.ova_disks):
         sib = await read(href, optional=False)
         q: ClosableQueue[Chunk] = ClosableQueue(settings.queue_depth)

@@ -473,5 +473,16 @@ async def chunk_views(q: ClosableQueue[Chunk]) -> AsyncIterator[memoryview]:
             chunk.release()
 
 
+async def read_loose_descriptor(q: ClosableQueue[Chunk]) -> bytes:
+    """A loose OVF descriptor (SRC is the .ovf), read whole; refused as soon as it passes MAX_DESCRIPTOR."""
+    data = bytearray()
+    async for chunk in q:
+        data += chunk.view()
+        chunk.release()
+        if len(data) > MAX_DESCRIPTOR:
+            raise UnsafeImage(f"OVF descriptor is over {MAX_DESCRIPTOR >> 20} MiB")
+    return bytes(data)
+
+
 async def package_stage(inq: ClosableQueue[Chunk], ctx: PackageContext, pool: BufferPool) -> None:
     ctx.report.update(await Package(ctx, pool).run(inq))
