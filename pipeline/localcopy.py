@@ -15,7 +15,6 @@ raw output to a local file, no hook that watches the bytes. Everything else take
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,7 +28,7 @@ from pipeline.sinks.file import Extents, FileSink, place, pwritev_all
 from pipeline.sources.file import FileSource, pread_full
 from pipeline.stages import ZeroSkipper
 from pipeline.stats import JobStats
-from pipeline.threads import to_thread_to_end
+from pipeline.threads import to_thread_to_end, wait_out
 
 THREADS = 2  # one per core here; a third only queues behind the same two copies (measured)
 
@@ -65,8 +64,8 @@ class _Copy:
         self.size = source.size
         self.chunk_size = settings.chunk_size
         self.cluster_size = settings.cluster_size
-        self.qcow2 = settings.output_format == "qcow2"
-        self.writer = Qcow2Writer(settings.cluster_size, settings.compat) if self.qcow2 else None
+        qcow2 = settings.output_format == "qcow2"
+        self.writer = Qcow2Writer(settings.cluster_size, settings.compat) if qcow2 else None
         self.pos = sink.reserve  # the output's running length (qcow2); raw writes at guest offsets
         self.turn = 0  # the chunk whose bookkeeping is next
         self.cond = threading.Condition()
@@ -163,16 +162,9 @@ async def local_copy(
     except BaseException:
         copy.halt()
         # The workers hold the source and output descriptors: let each finish its chunk in hand (one
-        # read and one write) before the caller's abort closes them. The error is re-raised below.
+        # read and one write) before the caller's abort closes them; then the error goes on.
         # (Fresh wrappers: cancelling gather cancelled its own, not the threads.)
-        joined = [asyncio.wrap_future(w, loop=loop) for w in workers]
-        waiting = asyncio.ensure_future(asyncio.wait(joined))
-        while not waiting.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(waiting)
-        for j in joined:  # each one's own error is the first one's echo: seen, not raised
-            if not j.cancelled():
-                j.exception()
+        await wait_out([asyncio.wrap_future(w, loop=loop) for w in workers])
         raise
     finally:
         executor.shutdown(wait=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -22,9 +22,17 @@ async def to_thread_to_end(fn: Callable[..., T], *args: Any) -> T:
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(fut)
-        if not fut.cancelled():
-            fut.exception()  # the job is going anyway; its error is not the news
+        await wait_out([fut])
         raise
+
+
+async def wait_out(futures: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait until every future is done, through any cancellation of the caller (who re-raises what
+    stopped it afterwards); their errors count as seen: the job is going anyway, they are not the news."""
+    waiting = asyncio.ensure_future(asyncio.wait(futures))
+    while not waiting.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(waiting)
+    for fut in futures:
+        if not fut.cancelled():
+            fut.exception()
