@@ -328,6 +328,14 @@ def check_local(path: Path, virtual_size: int, summary: dict[str, Any]) -> str:
     return note
 
 
+def compare_local(source: Path, out: Path, source_format: str | None = None) -> None:
+    """qemu-img compare of our output with its source; raises RowError when they differ."""
+    fmt = ["-f", source_format] if source_format else []
+    cmp = subprocess.run(["qemu-img", "compare", *fmt, str(source), str(out)], capture_output=True, text=True)
+    if cmp.returncode != 0:
+        raise RowError(f"qemu-img compare {source.name} {out.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+
+
 def check_s3(s3: S3, key: str, summary: dict[str, Any]) -> tuple[int, str]:
     size = s3.size(key)
     if size is None:
@@ -445,9 +453,7 @@ def row_compressed(ctx: Ctx, name: str) -> Row:
         )
         if i == 0:
             row.notes.append(check_local(out, vsize, summary_of(m)))
-            cmp = subprocess.run(["qemu-img", "compare", str(img), str(out)], capture_output=True, text=True)
-            if cmp.returncode != 0:
-                raise RowError(f"qemu-img compare {out.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            compare_local(img, out)
             sizes["ours"] = out.stat().st_size
         out.unlink(missing_ok=True)
         return m
@@ -527,11 +533,7 @@ def row_format(ctx: Ctx, fmt: str) -> Row:
         if i == 0:
             summary = summary_of(m)
             row.notes.append(check_local(out, vsize, summary))
-            cmp = subprocess.run(
-                ["qemu-img", "compare", "-f", qfmt, str(img), str(out)], capture_output=True, text=True
-            )
-            if cmp.returncode != 0:
-                raise RowError(f"qemu-img compare {img.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            compare_local(img, out, qfmt)
             row.notes.append(fetched_note(summary, img.stat().st_size))
         out.unlink(missing_ok=True)
         return m
@@ -707,9 +709,7 @@ def row_wrapped(ctx: Ctx, name: str) -> Row:
         if i == 0:
             summary = summary_of(m)
             row.notes.append(check_local(out, vsize, summary))
-            cmp = subprocess.run(["qemu-img", "compare", str(raw), str(out)], capture_output=True, text=True)
-            if cmp.returncode != 0:
-                raise RowError(f"qemu-img compare {out.name}: {(cmp.stdout + cmp.stderr)[-400:]}")
+            compare_local(raw, out)
             wrappers = summary.get("source_wrappers")
             if wrappers != [w.label]:
                 raise RowError(f"{name}: the summary says source_wrappers={wrappers!r}, not [{w.label!r}]")
