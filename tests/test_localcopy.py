@@ -150,6 +150,20 @@ async def test_a_failed_write_stops_every_worker_and_leaves_nothing(
     assert not [t for t in threading.enumerate() if t.name.startswith("localcopy") and t.name not in before]
 
 
+async def cancel_while_held(
+    job: asyncio.Task[Any], held: threading.Event, release: threading.Event, settle: float = 0.2
+) -> None:
+    """Once a thread of `job` is held (`held` set), cancel the job and check that it still waits for
+    that thread; then let the thread go: the job must end cancelled."""
+    assert await asyncio.to_thread(held.wait, 10)
+    job.cancel()
+    await asyncio.sleep(settle)
+    assert not job.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+
+
 async def test_cancelled_mid_copy_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     src = make_raw(tmp_path / "disk.raw", 16 * MiB, seed=6)
     dst = tmp_path / "out.qcow2"
@@ -162,13 +176,8 @@ async def test_cancelled_mid_copy_leaves_nothing(monkeypatch: pytest.MonkeyPatch
 
     fail_after(monkeypatch, "pread_full", 3, stall)
     job = asyncio.create_task(convert(str(src), str(dst), from_env(CHUNK, progress=False)))
-    assert await asyncio.to_thread(started.wait, 10)
-    job.cancel()
-    await asyncio.sleep(0.2)
-    assert not job.done()  # still waiting for the stalled worker before it lets the output go
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await job
+    # The job still waits for the stalled worker before it lets the output go.
+    await cancel_while_held(job, started, release)
     assert not dst.exists()
     assert leftovers(tmp_path) == []
 
@@ -182,14 +191,7 @@ async def test_a_cancelled_thread_call_is_waited_for() -> None:
         ended.set()
         return 1
 
-    task = asyncio.create_task(to_thread_to_end(slow))
-    assert await asyncio.to_thread(started.wait, 10)
-    task.cancel()
-    await asyncio.sleep(0.1)
-    assert not task.done()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_while_held(asyncio.create_task(to_thread_to_end(slow)), started, release, settle=0.1)
     assert ended.is_set()
 
 
@@ -217,13 +219,7 @@ async def test_the_stage_paths_sink_waits_for_its_writes_when_cancelled(
     monkeypatch.setattr(file_sink, "pwritev_all", stalled)
     # zstd clusters: not the local raw path, so the stages' sink does the writing
     job = asyncio.create_task(convert(str(src), str(dst), from_env(CHUNK, progress=False, compress="zstd")))
-    assert await asyncio.to_thread(started.wait, 10)
-    job.cancel()
-    await asyncio.sleep(0.2)
-    assert not job.done()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await job
+    await cancel_while_held(job, started, release)
     assert finished.is_set()
     assert not dst.exists()
     assert leftovers(tmp_path) == []
